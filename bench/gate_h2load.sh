@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Throughput and latency of a unary RPC (FindMissingBlobs, 10 digests) through
+# the Gate with a cached HS256 JWT plus an ACL, against the same server with
+# authorization `none`, at 16 and 64 concurrent streams, with h2load.
+#
+#   bench/gate_h2load.sh [SECONDS]      (default 10 s per run, 3 runs each)
+#
+# Prints one line per run and a median summary per case. h2load only sees the
+# HTTP status, so a probe with nghttp first checks that the call really returns
+# grpc-status 0 in both modes, and every run's response byte count is compared
+# with (requests x probe response size).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
+
+cargo build --release --quiet --bin gridgate --example make_load
+work="$(mktemp -d)"
+cleanup() { for p in $(jobs -p); do kill "$p" 2>/dev/null; done; rm -rf "$work"; }
+trap cleanup EXIT
+./target/release/examples/make_load "$work" main
+
+cat > "$work/acl.yaml" <<'YAML'
+main:
+  allow:
+    - actor: bench-client
+      subject: bench-user
+      requests: [GetCapabilities, FindMissingBlobs, BatchReadBlobs, BatchUpdateBlobs, Read, Write, GetActionResult]
+YAML
+common='instances:
+  - name: main
+    cas: { backend: memory, max-bytes: 256M }
+'
+printf 'server:\n  - !channel\n    address: "127.0.0.1:0"\n    insecure-mode: true\nauthorization:\n  method: none\n%s' "$common" > "$work/none.yaml"
+printf 'server:\n  - !channel\n    address: "127.0.0.1:0"\n    insecure-mode: true\nauthorization:\n  method: jwt\n  algorithm: hs256\n  secret: hmac.secret\n  audience: gridgate\n  acl-config: acl.yaml\n%s' "$common" > "$work/jwt.yaml"
+
+path=build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs
+token="$(cat "$work/token")"
+
+declare -A port pids
+start() { # mode
+  ./target/release/gridgate --log warn,gridgate::server=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
+  pids[$1]=$!
+  for _ in $(seq 100); do
+    port[$1]="$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/$1.log" | head -1 | sed 's/.*://')" || true
+    [[ -n "${port[$1]:-}" ]] && return 0
+    sleep 0.1
+  done
+  echo "server did not start"; cat "$work/$1.log"; exit 1
+}
+
+run_case() { # mode streams rep
+  local mode="$1" streams="$2" rep="$3" hdr=(-H 'content-type: application/grpc' -H 'te: trailers')
+  # none+token: the open server, sent the same authorization header: what the
+  # header itself costs client and server, apart from the Gate's checks.
+  [[ "$mode" != none ]] && hdr+=(-H "authorization: Bearer $token")
+  local url="http://127.0.0.1:${port[${mode%+token}]}/$path"
+  nghttp -v "${hdr[@]}" -H ':method: POST' -d "$work/fmb.bin" "$url" > "$work/probe" 2>&1 || true
+  local gstatus rlen
+  gstatus="$(grep -a -o 'grpc-status: [0-9]*' "$work/probe" | head -1 | awk '{print $2}')"
+  rlen="$(grep -a -o 'recv DATA frame <length=[0-9]*' "$work/probe" | head -1 | sed 's/.*=//')"
+  if [[ "$gstatus" != 0 ]]; then echo "probe failed in mode $mode:"; cat "$work/probe"; exit 1; fi
+  local conns=4 per=$((streams / 4))
+  {
+    # Warm up (connections, token cache) in a run of its own: h2load counts the
+    # bytes of --warm-up-time responses but not the requests.
+    h2load -D 2 -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
+    h2load -D "$secs" -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" \
+      --log-file="$work/lat" "$url" > "$work/out" 2>&1
+    local rps done data pct
+    rps="$(grep -o '[0-9.]* req/s' "$work/out" | head -1 | awk '{print $1}')"
+    done="$(grep -o '[0-9]* succeeded' "$work/out" | awk '{print $1}')"
+    data="$(grep -o '([0-9]*) data' "$work/out" | tr -d '()' | awk '{print $1}')"
+    pct="$(awk -F'\t' '{print $3}' "$work/lat" | sort -n | awk '{a[NR]=$1} END{printf "p50=%.3fms p99=%.3fms", a[int(NR*0.50)]/1000, a[int(NR*0.99)]/1000}')"
+    # Every finished request carried one response message (a refused call has
+    # none); a duration run may end with up to one response per stream in flight.
+    local verdict="grpc-ok"
+    if (( data < done * rlen || data > (done + streams) * rlen )); then
+      verdict="DATA-MISMATCH(data=$data expected=$((done * rlen)))"
+    fi
+    echo "$mode streams=$streams run=$rep: $rps req/s $pct requests=$done $verdict" | tee -a "$work/results"
+  }
+}
+
+# Both servers run side by side and the runs alternate, so that background
+# load on the machine affects both modes alike.
+start none
+start jwt
+for streams in 16 64; do
+  for rep in 1 2 3; do
+    run_case none "$streams" "$rep"
+    run_case none+token "$streams" "$rep"
+    run_case jwt "$streams" "$rep"
+  done
+done
+
+echo "== medians (req/s)"
+for streams in 16 64; do
+  n="$(grep "^none streams=$streams " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p)"
+  h="$(grep "^none+token streams=$streams " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p)"
+  j="$(grep "^jwt streams=$streams " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p)"
+  awk -v s="$streams" -v n="$n" -v h="$h" -v j="$j" 'BEGIN{printf "streams=%s none=%.0f none+token-header=%.0f jwt+acl=%.0f gate cost=%.1f%% (of which the header alone %.1f%%)\n", s, n, h, j, (n-j)/n*100, (n-h)/n*100}'
+done

@@ -1,0 +1,281 @@
+//! The in-memory build event store (the default, as in BuildGrid), bounded by
+//! a byte budget (`build-events.max-bytes`).
+//!
+//! When an event does not fit, whole streams are evicted: finished streams
+//! first, the one that finished longest ago first; then unfinished streams,
+//! the one idle longest first (never the stream being written). An event that
+//! does not fit even in an empty store is refused ([`Rejection::Full`]).
+//! Evictions are counted in [`StoreStats::evicted_streams`] and logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use futures_util::future::{BoxFuture, FutureExt};
+use regex::Regex;
+
+use super::{
+    check_event, EventFilter, EventStore, Outcome, Published, Rejection, Step, StoreError,
+    StoreStats, StoredEvent, StreamInfo,
+};
+use crate::bes::event::{Prepared, StreamKey};
+
+/// Bytes charged per stream and per event on top of their payloads, for the
+/// bookkeeping around them.
+const STREAM_OVERHEAD: u64 = 256;
+const EVENT_OVERHEAD: u64 = 64;
+
+/// The in-memory store.
+pub struct MemoryStore {
+    budget: u64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    streams: HashMap<StreamKey, Stream>,
+    /// Finished streams by the tick they finished at.
+    finished: BTreeMap<u64, StreamKey>,
+    /// Unfinished streams by the tick of their last event.
+    active: BTreeMap<u64, StreamKey>,
+    tick: u64,
+    bytes: u64,
+    stats: StoreStats,
+}
+
+struct Stream {
+    info: StreamInfo,
+    /// [`StreamKey::query_key`], kept for queries.
+    query_key: String,
+    events: Vec<StoredEvent>,
+    bytes: u64,
+    /// Its key in `finished` or `active`.
+    tick: u64,
+}
+
+impl MemoryStore {
+    /// An empty store holding at most `budget` bytes.
+    pub fn new(budget: u64) -> MemoryStore {
+        MemoryStore {
+            budget,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps inconsistent in
+        // a way that matters more than losing the store, so keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, instance: &str, events: &[Prepared]) -> Published {
+        let mut out = Published::default();
+        let Some(first) = events.first() else {
+            return out;
+        };
+        // One stream per call: its state is read once and indexed once.
+        let key = &first.stream;
+        let mut inner = self.lock();
+        let mut state = inner.streams.get(key).map(|s| s.info.clone());
+        let mut stored_any = false;
+        for event in events {
+            if event.stream != *key {
+                break; // The service sends one stream per call.
+            }
+            let step = match check_event(&mut state, instance, event) {
+                Ok(step) => step,
+                Err(r) => {
+                    out.rejection = Some(r);
+                    break;
+                }
+            };
+            if step == Step::Duplicate {
+                let identical = inner
+                    .streams
+                    .get(key)
+                    .and_then(|s| s.events.get(usize::try_from(event.seq - 1).ok()?))
+                    .is_some_and(|e| e.body == event.body);
+                inner.stats.duplicate_events += 1;
+                out.outcomes.push(Outcome::Duplicate { identical });
+                continue;
+            }
+            let cost = event.body.len() as u64
+                + EVENT_OVERHEAD
+                + if step == Step::Create {
+                    STREAM_OVERHEAD + key.build_id.len() as u64 * 2
+                } else {
+                    0
+                };
+            if cost > self.budget || !inner.make_room(cost, self.budget, key) {
+                out.rejection = Some(Rejection::Full {
+                    budget: self.budget,
+                });
+                // The stream's state stays as stored so far.
+                if let Some(info) = &mut state {
+                    info.last_seq = event.seq - 1;
+                    info.finished = false;
+                }
+                break;
+            }
+            inner.append(key, event, cost);
+            stored_any = true;
+            out.outcomes.push(Outcome::Stored);
+        }
+        if let (true, Some(info)) = (stored_any, state) {
+            inner.index(key, info);
+        }
+        out
+    }
+}
+
+impl Inner {
+    /// Evicts streams until `cost` more bytes fit; false if they cannot.
+    fn make_room(&mut self, cost: u64, budget: u64, writing: &StreamKey) -> bool {
+        while self.bytes + cost > budget {
+            let victim = self
+                .finished
+                .iter()
+                .chain(self.active.iter())
+                .find(|(_, k)| *k != writing)
+                .map(|(_, k)| k.clone());
+            let Some(victim) = victim else { return false };
+            if let Some(s) = self.streams.remove(&victim) {
+                self.finished.remove(&s.tick);
+                self.active.remove(&s.tick);
+                self.bytes -= s.bytes;
+                self.stats.evicted_streams += 1;
+                tracing::info!(
+                    stream = %victim,
+                    instance = %s.info.instance,
+                    events = s.events.len(),
+                    bytes = s.bytes,
+                    finished = s.info.finished,
+                    evicted_total = self.stats.evicted_streams,
+                    "build event store full: evicted a stream"
+                );
+            }
+        }
+        true
+    }
+
+    /// Appends an event to its stream (creating the stream).
+    fn append(&mut self, key: &StreamKey, event: &Prepared, cost: u64) {
+        let stream = match self.streams.get_mut(key) {
+            Some(s) => s,
+            None => {
+                self.tick += 1;
+                let tick = self.tick;
+                self.active.insert(tick, key.clone());
+                self.streams.entry(key.clone()).or_insert(Stream {
+                    info: StreamInfo {
+                        key: key.clone(),
+                        instance: String::new(),
+                        last_seq: 0,
+                        finished: false,
+                    },
+                    query_key: key.query_key(),
+                    events: Vec::new(),
+                    bytes: 0,
+                    tick,
+                })
+            }
+        };
+        stream.bytes += cost;
+        stream.events.push(StoredEvent {
+            seq: event.seq,
+            kind: event.kind,
+            time_micros: event.time_micros,
+            body: event.body.clone(),
+        });
+        self.bytes += cost;
+        self.stats.stored_events += 1;
+    }
+
+    /// Records a stream's new state and moves it to the young end of its
+    /// eviction queue.
+    fn index(&mut self, key: &StreamKey, info: StreamInfo) {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(stream) = self.streams.get_mut(key) else {
+            return;
+        };
+        self.finished.remove(&stream.tick);
+        self.active.remove(&stream.tick);
+        stream.tick = tick;
+        let finished = info.finished;
+        stream.info = info;
+        if finished {
+            self.finished.insert(tick, key.clone());
+        } else {
+            self.active.insert(tick, key.clone());
+        }
+    }
+}
+
+impl EventStore for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish_events<'a>(
+        &'a self,
+        instance: &'a str,
+        events: &'a [Prepared],
+    ) -> BoxFuture<'a, Result<Published, StoreError>> {
+        let out = self.publish(instance, events);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_stream<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<StreamInfo>, StoreError>> {
+        let out = self.lock().streams.get(key).map(|s| s.info.clone());
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_matching_streams<'a>(
+        &'a self,
+        pattern: &'a Regex,
+        instance: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<StreamInfo>, StoreError>> {
+        let mut out: Vec<StreamInfo> = self
+            .lock()
+            .streams
+            .values()
+            .filter(|s| instance.is_none_or(|i| s.info.instance == i))
+            .filter(|s| pattern.is_match(&s.query_key))
+            .map(|s| s.info.clone())
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        async move { Ok(out) }.boxed()
+    }
+
+    fn query_events<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        filter: &'a EventFilter,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        let out = self
+            .lock()
+            .streams
+            .get(key)
+            .map(|s| {
+                s.events
+                    .iter()
+                    .filter(|e| filter.accepts(e))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        async move { Ok(out) }.boxed()
+    }
+
+    fn stats(&self) -> StoreStats {
+        let inner = self.lock();
+        StoreStats {
+            streams: inner.streams.len() as u64,
+            bytes: inner.bytes,
+            ..inner.stats.clone()
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Where build events rest: one store interface ([`EventStore`]) and three
+//! backends, chosen by `build-events.store`:
+//!
+//! - [`memory::MemoryStore`] (the default): bounded by a byte budget; the
+//!   oldest finished streams are evicted first;
+//! - [`file::FileStore`]: an embedded durable single-node store (redb);
+//! - [`postgres::PostgresStore`]: shared by several gateway replicas.
+//!
+//! The interface is modelled on BuildGrid's `BuildEventStreamStorage`
+//! (`new_stream`, `get_stream`, `get_matching_streams`, `publish_event`,
+//! `query_events`, `DuplicateStreamError`), with one difference that makes it
+//! safe for several replicas and for retransmissions: a stream is not created
+//! by a separate call but by storing its event number 1, atomically with the
+//! checks ([`EventStore::publish_events`]). What BuildGrid's
+//! `DuplicateStreamError` reports (a second BuildEnqueued for a stream) comes
+//! back as [`Outcome::Duplicate`] with `identical: false` at sequence number 1;
+//! an identical retransmission is `identical: true` and is acknowledged again.
+//!
+//! Every backend keeps the same rules, which the conformance tests in
+//! `tests.rs` check against all three:
+//! - sequence numbers of a stream are consecutive from 1; an event at or below
+//!   the last stored number is a duplicate (never stored twice); one above the
+//!   next expected number is a [`Rejection::Gap`];
+//! - a stream belongs to the instance it was created under; events under
+//!   another instance are a [`Rejection::OtherInstance`];
+//! - nothing follows a stream's final event ([`Rejection::Finished`]);
+//! - [`EventStore::publish_events`] returns only after the stored events are
+//!   durable (for the durable stores), so acknowledging them is safe.
+
+pub mod file;
+pub mod memory;
+pub mod postgres;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt};
+use regex::Regex;
+
+use super::event::{EventKind, Prepared, StreamKey};
+use crate::config::BuildEventsConfig;
+
+/// What happened to one published event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now.
+    Stored,
+    /// That sequence number was stored before (a retransmission); nothing was
+    /// stored. `identical` tells whether the stored event has the same bytes.
+    Duplicate { identical: bool },
+}
+
+/// Why a store refused an event (and every later event of the same batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The event skips sequence numbers: the stream expects `expected` next.
+    Gap { expected: i64, got: i64 },
+    /// The stream belongs to another instance.
+    OtherInstance { owner: String },
+    /// The stream has received its final event (number `last`) already.
+    Finished { last: i64, got: i64 },
+    /// The store is full and nothing can be evicted to make room.
+    Full { budget: u64 },
+}
+
+/// The result of [`EventStore::publish_events`]: one outcome per event,
+/// in order, up to the first rejected one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Outcomes of the events before the rejection (all of them without one).
+    pub outcomes: Vec<Outcome>,
+    /// Why the event after the last outcome was refused, if one was.
+    pub rejection: Option<Rejection>,
+}
+
+/// A failure of the store itself (disk, database): the events of the batch
+/// may or may not be stored, and none of them may be acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or is overloaded; retrying may help.
+    #[error("build event store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed.
+    #[error("build event store failed: {0}")]
+    Internal(String),
+}
+
+/// What a store knows about one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The stream.
+    pub key: StreamKey,
+    /// The instance that owns it.
+    pub instance: String,
+    /// The highest stored sequence number.
+    pub last_seq: i64,
+    /// Whether its final event is stored.
+    pub finished: bool,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Its sequence number.
+    pub seq: i64,
+    /// Its kind.
+    pub kind: EventKind,
+    /// Its `event_time` in microseconds since the Unix epoch, when it had one.
+    pub time_micros: Option<i64>,
+    /// The encoded (redacted) `OrderedBuildEvent`.
+    pub body: Bytes,
+}
+
+/// Which events of a stream a query wants. The default wants all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only these kinds (empty: all).
+    pub kinds: Vec<EventKind>,
+    /// Only sequence numbers >= this.
+    pub min_seq: Option<i64>,
+    /// Only sequence numbers <= this.
+    pub max_seq: Option<i64>,
+    /// Only events with an event time >= this (microseconds since the epoch).
+    pub since_micros: Option<i64>,
+    /// Only events with an event time < this.
+    pub until_micros: Option<i64>,
+}
+
+impl EventFilter {
+    /// Whether `e` passes the filter.
+    pub fn accepts(&self, e: &StoredEvent) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+            && self.min_seq.is_none_or(|m| e.seq >= m)
+            && self.max_seq.is_none_or(|m| e.seq <= m)
+            && self
+                .since_micros
+                .is_none_or(|s| e.time_micros.is_some_and(|t| t >= s))
+            && self
+                .until_micros
+                .is_none_or(|u| e.time_micros.is_some_and(|t| t < u))
+    }
+}
+
+/// Counters a store keeps about itself (for metrics and logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Streams held now (memory store; 0 where unknown).
+    pub streams: u64,
+    /// Bytes held now (memory store; 0 where unknown).
+    pub bytes: u64,
+    /// Streams evicted to stay within the byte budget since start.
+    pub evicted_streams: u64,
+    /// Events stored since start.
+    pub stored_events: u64,
+    /// Retransmitted events acknowledged without storing since start.
+    pub duplicate_events: u64,
+}
+
+/// The store interface every backend implements. Futures are boxed so the
+/// service can hold any backend as `Arc<dyn EventStore>`.
+pub trait EventStore: Send + Sync + 'static {
+    /// The backend's name for logs (`memory`, `file`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Stores `events` (all of one stream, in the order received) under
+    /// `instance`, creating the stream with its event number 1 (BuildGrid's
+    /// `new_stream` + `publish_event`). Stops at the first refused event;
+    /// the ones before it stay stored. Returns after the stored events are
+    /// durable.
+    fn publish_events<'a>(
+        &'a self,
+        instance: &'a str,
+        events: &'a [Prepared],
+    ) -> BoxFuture<'a, Result<Published, StoreError>>;
+
+    /// One stream, if stored (BuildGrid's `get_stream`).
+    fn get_stream<'a>(
+        &'a self,
+        key: &'a StreamKey,
+    ) -> BoxFuture<'a, Result<Option<StreamInfo>, StoreError>>;
+
+    /// Streams whose [`StreamKey::query_key`] the pattern finds a match in,
+    /// optionally only those of one instance, ordered by key (BuildGrid's
+    /// `get_matching_streams`).
+    fn get_matching_streams<'a>(
+        &'a self,
+        pattern: &'a Regex,
+        instance: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<StreamInfo>, StoreError>>;
+
+    /// A stream's events that pass `filter`, in sequence order (BuildGrid's
+    /// `query_events`). A stream that does not exist has no events.
+    fn query_events<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        filter: &'a EventFilter,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>>;
+
+    /// The events of several streams that pass `filter`, one list per key in
+    /// the order of `keys`. Backends where a round trip is costly answer in
+    /// one; the default asks stream by stream.
+    fn query_events_many<'a>(
+        &'a self,
+        keys: &'a [StreamKey],
+        filter: &'a EventFilter,
+    ) -> BoxFuture<'a, Result<Vec<Vec<StoredEvent>>, StoreError>> {
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                out.push(self.query_events(k, filter).await?);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    /// The store's counters.
+    fn stats(&self) -> StoreStats;
+}
+
+/// Opens the configured store (creating files, connecting and migrating the
+/// database as needed).
+pub async fn open(config: &BuildEventsConfig) -> Result<Arc<dyn EventStore>, StoreError> {
+    Ok(match config {
+        BuildEventsConfig::Memory { max_bytes } => Arc::new(memory::MemoryStore::new(*max_bytes)),
+        BuildEventsConfig::File { path } => Arc::new(file::FileStore::open(path).await?),
+        BuildEventsConfig::Postgres { url } => {
+            Arc::new(postgres::PostgresStore::connect(url).await?)
+        }
+    })
+}
+
+/// Applies the rules shared by every backend to one event of a stream whose
+/// state is `state` (None: not stored yet). Returns what to do with it and
+/// updates `state` as if it was stored.
+pub(crate) fn check_event(
+    state: &mut Option<StreamInfo>,
+    instance: &str,
+    event: &Prepared,
+) -> Result<Step, Rejection> {
+    match state {
+        None => {
+            if event.seq != 1 {
+                return Err(Rejection::Gap {
+                    expected: 1,
+                    got: event.seq,
+                });
+            }
+            *state = Some(StreamInfo {
+                key: event.stream.clone(),
+                instance: instance.to_string(),
+                last_seq: 1,
+                finished: event.kind.finishes_stream(),
+            });
+            Ok(Step::Create)
+        }
+        Some(s) => {
+            if s.instance != instance {
+                return Err(Rejection::OtherInstance {
+                    owner: s.instance.clone(),
+                });
+            }
+            if event.seq <= s.last_seq {
+                return Ok(Step::Duplicate);
+            }
+            if s.finished {
+                return Err(Rejection::Finished {
+                    last: s.last_seq,
+                    got: event.seq,
+                });
+            }
+            if event.seq != s.last_seq + 1 {
+                return Err(Rejection::Gap {
+                    expected: s.last_seq + 1,
+                    got: event.seq,
+                });
+            }
+            s.last_seq = event.seq;
+            s.finished = event.kind.finishes_stream();
+            Ok(Step::Append)
+        }
+    }
+}
+
+/// What [`check_event`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Create the stream with this event.
+    Create,
+    /// Append this event.
+    Append,
+    /// Compare with the stored event of that number; store nothing.
+    Duplicate,
+}

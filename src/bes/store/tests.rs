@@ -1,0 +1,537 @@
+//! The store conformance suite: the same checks run against the memory, file
+//! and PostgreSQL backends.
+//!
+//! PostgreSQL: `GRIDGATE_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/test`); each test makes its own schema.
+//! When the server cannot be reached the PostgreSQL tests fail if
+//! `GRIDGATE_REQUIRE_POSTGRES=1` and are skipped (with a message) otherwise.
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::*;
+use crate::bes::event::{prepare, EventKind, Prepared, StreamKey};
+use crate::proto::google::devtools::build::v1::{
+    build_event, BuildEvent, OrderedBuildEvent, StreamId,
+};
+
+fn key(build: &str, inv: &str, component: i32) -> StreamKey {
+    StreamKey {
+        build_id: build.into(),
+        invocation_id: inv.into(),
+        component,
+    }
+}
+
+/// A tool event (`bazel_event`, or `component_stream_finished` when `last`),
+/// with event time `seq` seconds after the epoch.
+fn ev(k: &StreamKey, seq: i64, last: bool) -> Prepared {
+    let event = if last {
+        build_event::Event::ComponentStreamFinished(build_event::BuildComponentStreamFinished {
+            r#type: 1,
+        })
+    } else {
+        build_event::Event::BazelEvent(prost_types::Any {
+            type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
+            value: format!("payload {seq}").into_bytes(),
+        })
+    };
+    prepare(
+        &OrderedBuildEvent {
+            stream_id: Some(StreamId {
+                build_id: k.build_id.clone(),
+                invocation_id: k.invocation_id.clone(),
+                component: k.component,
+            }),
+            sequence_number: seq,
+            event: Some(BuildEvent {
+                event_time: Some(prost_types::Timestamp {
+                    seconds: seq,
+                    nanos: 0,
+                }),
+                event: Some(event),
+            }),
+        },
+        1 << 20,
+    )
+    .unwrap()
+}
+
+fn evs(k: &StreamKey, seqs: std::ops::RangeInclusive<i64>, last: i64) -> Vec<Prepared> {
+    seqs.map(|s| ev(k, s, s == last)).collect()
+}
+
+fn stored(n: usize) -> Vec<Outcome> {
+    vec![Outcome::Stored; n]
+}
+
+const DUP: Outcome = Outcome::Duplicate { identical: true };
+
+async fn seqs(store: &dyn EventStore, k: &StreamKey) -> Vec<i64> {
+    store
+        .query_events(k, &EventFilter::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect()
+}
+
+/// Every check, against one store. Keys are unique per check (prefixed with
+/// `tag`), so the checks can share the store.
+pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
+    let store = &*store;
+    let name = store.backend();
+    let b = |s: &str| format!("{tag}-{s}");
+
+    // A stream is created by its event 1 and grows by consecutive numbers.
+    let k = key(&b("life"), "inv", 3);
+    let p = store
+        .publish_events("team-a", &evs(&k, 1..=3, 0))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, stored(3), "{name}");
+    assert_eq!(p.rejection, None);
+    let p = store
+        .publish_events("team-a", &evs(&k, 4..=6, 6))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, stored(3), "{name}");
+    let info = store.get_stream(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (info.instance.as_str(), info.last_seq, info.finished),
+        ("team-a", 6, true),
+        "{name}"
+    );
+    assert_eq!(seqs(store, &k).await, vec![1, 2, 3, 4, 5, 6], "{name}");
+    let all = store
+        .query_events(&k, &EventFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all[0].body, ev(&k, 1, false).body, "{name}: bytes kept");
+    assert_eq!(all[5].kind, EventKind::ComponentStreamFinished);
+    assert_eq!(all[2].time_micros, Some(3_000_000));
+    assert_eq!(
+        store.get_stream(&key(&b("none"), "", 1)).await.unwrap(),
+        None
+    );
+
+    // Filters.
+    let kr = &k;
+    let f = |filter: EventFilter| async move {
+        store
+            .query_events(kr, &filter)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        f(EventFilter {
+            kinds: vec![EventKind::ComponentStreamFinished],
+            ..Default::default()
+        })
+        .await,
+        vec![6],
+        "{name}"
+    );
+    assert_eq!(
+        f(EventFilter {
+            min_seq: Some(2),
+            max_seq: Some(4),
+            ..Default::default()
+        })
+        .await,
+        vec![2, 3, 4],
+        "{name}"
+    );
+    assert_eq!(
+        f(EventFilter {
+            since_micros: Some(5_000_000),
+            ..Default::default()
+        })
+        .await,
+        vec![5, 6],
+        "{name}"
+    );
+    assert_eq!(
+        f(EventFilter {
+            until_micros: Some(2_000_000),
+            kinds: vec![EventKind::BazelEvent],
+            ..Default::default()
+        })
+        .await,
+        vec![1],
+        "{name}"
+    );
+
+    // Nothing follows a final event.
+    let p = store
+        .publish_events("team-a", &[ev(&k, 7, false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        p.rejection,
+        Some(Rejection::Finished { last: 6, got: 7 }),
+        "{name}"
+    );
+
+    // Retransmissions are acknowledged, never stored twice; a different
+    // event at a stored number is reported as not identical.
+    let k = key(&b("dup"), "inv", 3);
+    store
+        .publish_events("team-a", &evs(&k, 1..=3, 0))
+        .await
+        .unwrap();
+    let p = store
+        .publish_events("team-a", &evs(&k, 1..=3, 0))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, vec![DUP; 3], "{name}");
+    let p = store
+        .publish_events("team-a", &[ev(&k, 1, true)])
+        .await
+        .unwrap();
+    assert_eq!(
+        p.outcomes,
+        vec![Outcome::Duplicate { identical: false }],
+        "{name}"
+    );
+    // A continuation stream starting at an already stored number.
+    let p = store
+        .publish_events("team-a", &evs(&k, 2..=5, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.outcomes,
+        vec![DUP, DUP, Outcome::Stored, Outcome::Stored],
+        "{name}"
+    );
+    assert_eq!(seqs(store, &k).await, vec![1, 2, 3, 4, 5], "{name}");
+
+    // Gaps: a new stream must start at 1; a batch stops at its first gap and
+    // keeps what came before it.
+    let k = key(&b("gap"), "inv", 3);
+    let p = store
+        .publish_events("team-a", &evs(&k, 2..=3, 0))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, vec![], "{name}");
+    assert_eq!(
+        p.rejection,
+        Some(Rejection::Gap {
+            expected: 1,
+            got: 2
+        })
+    );
+    assert_eq!(store.get_stream(&k).await.unwrap(), None, "{name}");
+    let batch = vec![
+        ev(&k, 1, false),
+        ev(&k, 2, false),
+        ev(&k, 4, false),
+        ev(&k, 5, false),
+    ];
+    let p = store.publish_events("team-a", &batch).await.unwrap();
+    assert_eq!(p.outcomes, stored(2), "{name}");
+    assert_eq!(
+        p.rejection,
+        Some(Rejection::Gap {
+            expected: 3,
+            got: 4
+        }),
+        "{name}"
+    );
+    assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
+
+    // A stream belongs to the instance that created it.
+    let p = store
+        .publish_events("team-b", &[ev(&k, 3, false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        p.rejection,
+        Some(Rejection::OtherInstance {
+            owner: "team-a".into()
+        }),
+        "{name}"
+    );
+    let p = store
+        .publish_events("team-b", &[ev(&k, 1, false)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(p.rejection, Some(Rejection::OtherInstance { .. })),
+        "{name}: even a retransmission"
+    );
+    assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
+
+    // Matching streams: the pattern searches `build.component.invocation`.
+    let kb = key(&b("match"), "", 1);
+    let ki = key(&b("match"), "inv-1", 1);
+    let kt = key(&b("match"), "inv-1", 3);
+    store
+        .publish_events("team-a", &evs(&kb, 1..=1, 0))
+        .await
+        .unwrap();
+    store
+        .publish_events("team-b", &evs(&ki, 1..=1, 0))
+        .await
+        .unwrap();
+    store
+        .publish_events("team-a", &evs(&kt, 1..=2, 2))
+        .await
+        .unwrap();
+    let re = |p: &str| Regex::new(p).unwrap();
+    let found = |p: &'static str, i: Option<&'static str>| {
+        let re = re(p);
+        async move {
+            store
+                .get_matching_streams(&re, i)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.key)
+                .collect::<Vec<_>>()
+        }
+    };
+    let tag_re = format!("^{}", regex::escape(&b("match")));
+    let tag_re: &'static str = Box::leak(tag_re.into_boxed_str());
+    assert_eq!(
+        found(tag_re, None).await,
+        vec![kb.clone(), ki.clone(), kt.clone()],
+        "{name}"
+    );
+    assert_eq!(
+        found(tag_re, Some("team-a")).await,
+        vec![kb.clone(), kt.clone()],
+        "{name}"
+    );
+    let tool: &'static str = Box::leak(format!("{tag_re}\\.3\\.inv-1$").into_boxed_str());
+    assert_eq!(found(tool, None).await, vec![kt.clone()], "{name}");
+    assert!(found(tag_re, Some("team-c")).await.is_empty(), "{name}");
+
+    // Several streams at once: the same as one by one, in the order asked.
+    let keys = vec![kt.clone(), key(&b("none"), "x", 3), kb.clone(), ki.clone()];
+    for filter in [
+        EventFilter::default(),
+        EventFilter {
+            min_seq: Some(2),
+            ..Default::default()
+        },
+    ] {
+        let many = store.query_events_many(&keys, &filter).await.unwrap();
+        let mut one = Vec::new();
+        for k in &keys {
+            one.push(store.query_events(k, &filter).await.unwrap());
+        }
+        assert_eq!(many, one, "{name}");
+    }
+
+    // Concurrent streams all land, each event once.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let k = key(&b(&format!("conc{i}")), "inv", 3);
+        let batches: Vec<Vec<Prepared>> = (0..5)
+            .map(|j| evs(&k, j * 10 + 1..=j * 10 + 10, 50))
+            .collect();
+        tasks.push(async move {
+            for batch in &batches {
+                let p = store.publish_events("team-a", batch).await.unwrap();
+                assert_eq!(p.outcomes, stored(10));
+            }
+            k
+        });
+    }
+    for k in futures_util::future::join_all(tasks).await {
+        assert_eq!(
+            seqs(store, &k).await,
+            (1..=50).collect::<Vec<_>>(),
+            "{name}"
+        );
+    }
+}
+
+/// Two publishers racing on one stream (two replicas receiving the same
+/// retransmitted events): every event stored once, in order.
+pub(crate) async fn racing_publishers(a: Arc<dyn EventStore>, b: Arc<dyn EventStore>, tag: &str) {
+    let k = key(&format!("{tag}-race"), "inv", 3);
+    let events = evs(&k, 1..=60, 60);
+    let run = |store: Arc<dyn EventStore>, events: Vec<Prepared>| async move {
+        let mut next = 0;
+        while next < events.len() {
+            let end = (next + 7).min(events.len());
+            let p = store
+                .publish_events("team-a", &events[next..end])
+                .await
+                .unwrap();
+            assert_eq!(p.rejection, None);
+            next = end;
+        }
+    };
+    tokio::join!(run(a.clone(), events.clone()), run(b.clone(), events));
+    assert_eq!(seqs(&*a, &k).await, (1..=60).collect::<Vec<_>>());
+    assert_eq!(seqs(&*b, &k).await, (1..=60).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn memory_store_conformance() {
+    conformance(Arc::new(memory::MemoryStore::new(64 << 20)), "mem").await;
+    let one = Arc::new(memory::MemoryStore::new(64 << 20));
+    racing_publishers(one.clone(), one, "mem").await;
+}
+
+#[tokio::test]
+async fn memory_store_evicts_oldest_finished_streams_first() {
+    let store = memory::MemoryStore::new(8 * 1024);
+    let done = |i: i64| key(&format!("done{i}"), "inv", 3);
+    // Three finished streams, then one still running.
+    for i in 0..3 {
+        store
+            .publish_events("a", &evs(&done(i), 1..=3, 3))
+            .await
+            .unwrap();
+    }
+    let running = key("running", "inv", 3);
+    store
+        .publish_events("a", &evs(&running, 1..=2, 0))
+        .await
+        .unwrap();
+    assert_eq!(store.stats().evicted_streams, 0);
+    // Fill until something must go.
+    let big = key("big", "inv", 3);
+    let mut seq = 1;
+    while store.stats().evicted_streams < 2 {
+        let p = store
+            .publish_events("a", &[ev(&big, seq, false)])
+            .await
+            .unwrap();
+        assert_eq!(p.outcomes, stored(1));
+        seq += 1;
+    }
+    // The oldest finished went first, then the next; the running stream stays.
+    assert!(store.get_stream(&done(0)).await.unwrap().is_none());
+    assert!(store.get_stream(&done(1)).await.unwrap().is_none());
+    assert!(store.get_stream(&done(2)).await.unwrap().is_some());
+    assert!(store.get_stream(&running).await.unwrap().is_some());
+    let stats = store.stats();
+    assert!(stats.bytes <= 8 * 1024, "{stats:?}");
+    // One event larger than the whole budget is refused.
+    let huge = key("huge", "inv", 3);
+    let mut e = ev(&huge, 1, false);
+    e.body = vec![0u8; 9000].into();
+    let p = store.publish_events("a", &[e]).await.unwrap();
+    assert_eq!(p.rejection, Some(Rejection::Full { budget: 8 * 1024 }));
+    // Refused in the middle of a batch: what came before stays, consistently.
+    let mut batch = evs(&huge, 1..=3, 0);
+    batch[1].body = vec![0u8; 9000].into();
+    let p = store.publish_events("a", &batch).await.unwrap();
+    assert_eq!(p.outcomes, stored(1));
+    assert_eq!(p.rejection, Some(Rejection::Full { budget: 8 * 1024 }));
+    let info = store.get_stream(&huge).await.unwrap().unwrap();
+    assert_eq!((info.instance.as_str(), info.last_seq), ("a", 1));
+    let p = store
+        .publish_events("a", &evs(&huge, 2..=3, 3))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, stored(2));
+    assert!(store.get_stream(&huge).await.unwrap().unwrap().finished);
+}
+
+#[tokio::test]
+async fn file_store_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.redb");
+    let store = Arc::new(file::FileStore::open(&path).await.unwrap());
+    conformance(store.clone(), "file").await;
+    racing_publishers(store.clone(), store.clone(), "file").await;
+    // Everything committed is there after reopening.
+    let k = key("file-life", "inv", 3);
+    drop(store);
+    let store = file::FileStore::open(&path).await.unwrap();
+    assert_eq!(seqs(&store, &k).await, vec![1, 2, 3, 4, 5, 6]);
+    let p = store
+        .publish_events("team-a", &evs(&key("after", "i", 3), 1..=2, 0))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, stored(2));
+}
+
+/// A fresh schema on the test PostgreSQL, or None (skip) when it cannot be
+/// reached and `GRIDGATE_REQUIRE_POSTGRES` is not 1.
+pub(crate) async fn postgres_schema(test: &str) -> Option<(String, impl Drop)> {
+    let base = std::env::var("GRIDGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let required = std::env::var("GRIDGATE_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+    let connected = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_postgres::connect(&base, tokio_postgres::NoTls),
+    )
+    .await;
+    let (client, conn) = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) if !required => {
+            eprintln!("skipping {test}: PostgreSQL at {base} unreachable: {e}");
+            return None;
+        }
+        Err(_) if !required => {
+            eprintln!("skipping {test}: PostgreSQL at {base} did not answer");
+            return None;
+        }
+        Ok(Err(e)) => panic!("PostgreSQL at {base} is required (GRIDGATE_REQUIRE_POSTGRES=1): {e}"),
+        Err(_) => panic!(
+            "PostgreSQL at {base} is required (GRIDGATE_REQUIRE_POSTGRES=1) and did not answer"
+        ),
+    };
+    tokio::spawn(conn);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let schema = format!("t_{test}_{}_{nanos}", std::process::id());
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    struct DropSchema(String, String);
+    impl Drop for DropSchema {
+        fn drop(&mut self) {
+            let (base, schema) = (self.0.clone(), self.1.clone());
+            // Best effort, on its own thread so no runtime is needed.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async {
+                        if let Ok((c, conn)) =
+                            tokio_postgres::connect(&base, tokio_postgres::NoTls).await
+                        {
+                            tokio::spawn(conn);
+                            let _ = c
+                                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                                .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+    Some((url, DropSchema(base, schema)))
+}
+
+#[tokio::test]
+async fn postgres_store_conformance() {
+    let Some((url, _schema)) = postgres_schema("conformance").await else {
+        return;
+    };
+    let store = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
+    conformance(store.clone(), "pg").await;
+    // Two replicas: two stores (pools) on one database, racing on one stream.
+    let other = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
+    racing_publishers(store, other, "pg").await;
+}

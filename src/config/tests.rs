@@ -1,0 +1,251 @@
+use super::*;
+
+fn parse_in(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.yaml", dir)
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    parse_in(Path::new("."), text)
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn embedded_default_is_open_loopback_with_memory_stores() {
+    let c = Config::embedded_default().unwrap();
+    assert_eq!(c.channels.len(), 1);
+    assert_eq!(
+        c.channels[0].listen,
+        ListenAddr::Tcp("127.0.0.1:50051".parse().unwrap())
+    );
+    assert!(c.channels[0].tls.is_none());
+    assert_eq!(c.authorization.method, AuthMethod::None);
+    assert_eq!(c.instances[0].name, "");
+    assert!(matches!(
+        c.instances[0].backend,
+        InstanceBackend::Local {
+            cas: CasConfig::Memory {
+                max_bytes: 1073741824
+            },
+            ..
+        }
+    ));
+    assert!(matches!(c.build_events, BuildEventsConfig::Memory { .. }));
+}
+
+#[test]
+fn unknown_key_names_its_path() {
+    let e = parse(
+        "server:\n  - !channel\n    address: 127.0.0.1:0\n    insecure-mode: true\n    tls: yes\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.file, "test.yaml");
+    assert_eq!(e.key, "server[0].tls");
+    assert!(e.reason.contains("unknown field `tls`"), "{e}");
+
+    let e = parse("server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: none\n  acl-confg: x\n").unwrap_err();
+    assert_eq!(e.key, "authorization.acl-confg");
+    assert!(e.reason.contains("acl-confg"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_its_path() {
+    let e = parse("server:\n  - address: 127.0.0.1:0\n    insecure-mode: maybe\n").unwrap_err();
+    assert_eq!(e.key, "server[0].insecure-mode");
+    assert!(e.reason.contains("invalid type"), "{e}");
+}
+
+#[test]
+fn missing_tls_file_is_an_error_not_plaintext() {
+    let d = tempdir();
+    let e = parse_in(
+        d.path(),
+        "server:\n  - !channel\n    address: 127.0.0.1:0\n    insecure-mode: false\n    credentials:\n      tls-server-key: nope.key\n      tls-server-cert: nope.crt\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "server[0].credentials.tls-server-key");
+    assert!(e.reason.contains("nope.key"), "{e}");
+}
+
+#[test]
+fn insecure_mode_with_credentials_is_refused() {
+    let d = tempdir();
+    std::fs::write(d.path().join("k"), "x").unwrap();
+    let e = parse_in(
+        d.path(),
+        "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n    credentials:\n      tls-server-key: k\n      tls-server-cert: k\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "server[0].insecure-mode");
+}
+
+#[test]
+fn buildgrid_null_credentials_mean_plaintext() {
+    let c = parse("server:\n  - !channel\n    address: 127.0.0.1:0\n    insecure-mode: true\n    credentials:\n      tls-server-key: null\n      tls-server-cert: null\n      tls-client-certs: null\n").unwrap();
+    assert!(c.channels[0].tls.is_none());
+}
+
+#[test]
+fn open_non_loopback_needs_allow_open() {
+    let e = parse("server:\n  - address: \"[::]:50051\"\n    insecure-mode: true\n").unwrap_err();
+    assert_eq!(e.key, "server[0].address");
+    assert!(e.reason.contains("allow-open"), "{e}");
+    let c = parse(
+        "server:\n  - address: \"0.0.0.0:50051\"\n    insecure-mode: true\n    allow-open: true\n",
+    )
+    .unwrap();
+    assert!(c.channels[0].allow_open);
+    // A Unix socket is local.
+    parse("server:\n  - address: unix:///tmp/gg.sock\n    insecure-mode: true\n").unwrap();
+}
+
+#[test]
+fn none_with_acl_is_refused() {
+    let e = parse(
+        "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: none\n  acl-config: policies/\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "authorization.acl-config");
+}
+
+#[test]
+fn jwt_needs_algorithm_and_a_key() {
+    let d = tempdir();
+    std::fs::write(d.path().join("s"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: jwt\n";
+    let e = parse_in(d.path(), &format!("{base}  secret: s\n")).unwrap_err();
+    assert_eq!(e.key, "authorization.algorithm");
+    let e = parse_in(d.path(), &format!("{base}  algorithm: hs256\n")).unwrap_err();
+    assert!(e.reason.contains("needs a key"), "{e}");
+    let e = parse_in(
+        d.path(),
+        &format!("{base}  algorithm: hs999\n  secret: s\n"),
+    )
+    .unwrap_err();
+    assert!(e.reason.contains("unknown algorithm"), "{e}");
+    let c = parse_in(
+        d.path(),
+        &format!("{base}  algorithm: HS256\n  secret: s\n  audience: [a, b]\n"),
+    )
+    .unwrap();
+    let jwt = c.authorization.jwt.unwrap();
+    assert!(matches!(&jwt.providers[0].key, JwtKeyConfig::Secret(s) if s.len() == 32));
+    assert_eq!(jwt.providers[0].audiences, vec!["a", "b"]);
+    let e = parse_in(
+        d.path(),
+        &format!("{base}  algorithm: rs256\n  jwks-url: http://keys.example/jwks\n"),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "authorization.jwks-url[0]");
+    parse_in(d.path(), &format!("{base}  algorithm: rs256\n  jwks-url: [\"http://127.0.0.1:9/jwks\", \"https://x/jwks\"]\n")).unwrap();
+}
+
+#[test]
+fn older_spelling_of_unauthenticated_instances() {
+    let d = tempdir();
+    std::fs::write(d.path().join("s"), "0123456789abcdef0123456789abcdef").unwrap();
+    let c = parse_in(d.path(), "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: jwt\n  algorithm: hs256\n  secret: s\n  allow-unauthorized-instances: [public]\n").unwrap();
+    assert_eq!(
+        c.authorization.allow_unauthenticated_instances,
+        vec!["public"]
+    );
+}
+
+#[test]
+fn expand_vars_tag_and_sizes() {
+    std::env::set_var("GRIDGATE_TEST_CFG_DIR", "/tmp/gg-cas");
+    let c = parse("server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\ninstances:\n  - name: a\n    cas: { backend: disk, path: !expand-vars $GRIDGATE_TEST_CFG_DIR, max-bytes: 2048M }\n").unwrap();
+    assert_eq!(
+        c.instances[0].backend,
+        InstanceBackend::Local {
+            cas: CasConfig::Disk {
+                path: PathBuf::from("/tmp/gg-cas"),
+                max_bytes: 2048 << 20
+            },
+            action_cache: ActionCacheConfig {
+                allow_updates: true,
+                max_entries: 1_000_000
+            }
+        }
+    );
+}
+
+#[test]
+fn instances_and_build_events_validate() {
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    let e = parse(&format!("{base}instances:\n  - name: a\n  - name: a\n")).unwrap_err();
+    assert_eq!(e.key, "instances[1].name");
+    let e = parse(&format!("{base}instances:\n  - name: x/blobs\n")).unwrap_err();
+    assert!(e.reason.contains("blobs"), "{e}");
+    let e = parse(&format!(
+        "{base}instances:\n  - name: p\n    upstream: {{ address: \"buildgrid:50051\" }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "instances[0].upstream.address");
+    let c = parse(&format!("{base}instances:\n  - name: p\n    upstream: {{ address: \"grpc://127.0.0.1:50052\", instance-name: \"\" }}\nbuild-events:\n  store: {{ postgres: \"postgres://postgres@127.0.0.1/test\" }}\n")).unwrap();
+    assert!(matches!(c.instances[0].backend, InstanceBackend::Upstream(ref u) if !u.tls));
+    assert!(matches!(c.build_events, BuildEventsConfig::Postgres { .. }));
+    let e = parse(&format!("{base}build-events:\n  store: {{ sqlite: x }}\n")).unwrap_err();
+    assert_eq!(e.key, "build-events.store");
+}
+
+#[test]
+fn buildgrid_service_sections_are_explained() {
+    let e = parse("server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nstorages:\n  - !lru-storage &cas\n    size: 2048M\n").unwrap_err();
+    assert_eq!(e.key, "storages");
+    assert!(e.reason.contains("instances:"), "{e}");
+}
+
+#[test]
+fn monitoring_keys_are_buildgrids() {
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    let c = parse(&format!("{base}monitoring:\n  enabled: true\n  endpoint-type: udp\n  endpoint-location: 127.0.0.1:8125\n  serialization-format: statsd\n  metric-prefix: gg..\n  tag-format: dogstatsd\n  additional-tags: {{ env: prod }}\n")).unwrap();
+    assert_eq!(c.monitoring.metric_prefix, "gg.");
+    let e = parse(&format!(
+        "{base}monitoring:\n  serialization-format: binary\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "monitoring.serialization-format");
+}
+
+#[test]
+fn compression_values() {
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    assert_eq!(
+        parse(&format!("{base}grpc-compression: Gzip\n"))
+            .unwrap()
+            .compression,
+        Compression::Gzip
+    );
+    assert_eq!(
+        parse(&format!("{base}grpc-compression: NoCompression\n"))
+            .unwrap()
+            .compression,
+        Compression::None
+    );
+    assert_eq!(
+        parse(&format!("{base}grpc-compression: zstd\n"))
+            .unwrap()
+            .compression,
+        Compression::Zstd
+    );
+    assert!(parse(&format!("{base}grpc-compression: lz4\n")).is_err());
+}
+
+#[test]
+fn build_events_max_event_bytes() {
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    let c = parse(base).unwrap();
+    assert_eq!(c.build_events_limits.max_event_bytes, 4 << 20);
+    let c = parse(&format!(
+        "{base}build-events:\n  store: {{ file: ev.redb }}\n  max-event-bytes: 64K\n"
+    ))
+    .unwrap();
+    assert_eq!(c.build_events_limits.max_event_bytes, 64 << 10);
+    let e = parse(&format!("{base}build-events:\n  max-event-bytes: 12\n")).unwrap_err();
+    assert_eq!(e.key, "build-events.max-event-bytes");
+    let e = parse(&format!("{base}build-events:\n  max-event-bytes: lots\n")).unwrap_err();
+    assert_eq!(e.key, "build-events.max-event-bytes");
+}

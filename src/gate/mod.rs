@@ -1,0 +1,209 @@
+//! The Gate: the one place a request is admitted.
+//!
+//! [`Gate`] is built once from the config at start-up (the route table, the
+//! token verifier, the live policy); [`GateLayer`] puts it in front of every
+//! service. See [`layer`] for the request path.
+
+pub mod admission;
+pub mod authn;
+pub mod explain;
+pub mod frame;
+pub mod identity;
+pub mod jwks;
+pub mod jwt;
+pub mod layer;
+pub mod policy;
+pub mod reload;
+pub mod route;
+pub mod scan;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+pub use admission::{Admission, Authorizer};
+pub use layer::GateLayer;
+
+use crate::config::{AclMatch, AuthMethod, Config, JwtConfig, JwtKeyConfig};
+use identity::Identity;
+use reload::LivePolicy;
+
+/// Why the Gate could not be set up from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("authorization: {0}")]
+    Jwt(#[from] jwt::JwtConfigError),
+    #[error("authorization.acl-config: {0}")]
+    Policy(#[from] policy::PolicyError),
+}
+
+/// Everything the Gate needs to admit requests, built once at start.
+pub struct Gate {
+    pub(crate) routes: route::RouteTable,
+    pub(crate) method: AuthMethod,
+    pub(crate) jwt: Option<Arc<jwt::JwtAuthenticator>>,
+    pub(crate) policy: Option<Arc<LivePolicy>>,
+    pub(crate) unauthenticated_instances: HashSet<String>,
+    pub(crate) allow_localhost: bool,
+    pub(crate) open_health: bool,
+    pub(crate) open_reflection: bool,
+    pub(crate) limits: frame::Limits,
+    authorizer: Arc<dyn Authorizer>,
+}
+
+/// Answers services' questions with the Gate's own rules.
+struct PolicyAuthorizer {
+    method: AuthMethod,
+    policy: Option<Arc<LivePolicy>>,
+}
+
+impl Authorizer for PolicyAuthorizer {
+    fn allows(&self, identity: &Identity, instance: &str, rpc: &str) -> bool {
+        if self.method == AuthMethod::None {
+            return true;
+        }
+        match &self.policy {
+            None => true,
+            Some(p) => p.current().decide(instance, rpc, identity).allowed,
+        }
+    }
+}
+
+/// Maps the config's JWT section onto the verifier's settings.
+pub fn jwt_settings(c: &JwtConfig) -> jwt::JwtSettings {
+    let providers = c
+        .providers
+        .iter()
+        .map(|p| jwt::ProviderSettings {
+            name: p.name.clone(),
+            issuer: p.issuer.clone(),
+            algorithms: p.algorithms.clone(),
+            key: match &p.key {
+                JwtKeyConfig::Secret(s) => jwt::KeySource::Secret(s.clone()),
+                JwtKeyConfig::PublicKeyPem(pem) => jwt::KeySource::PublicKeyPem(pem.clone()),
+                JwtKeyConfig::Jwks {
+                    urls,
+                    refresh,
+                    max_staleness,
+                    min_refetch_interval,
+                } => jwt::KeySource::Jwks(jwks::JwksSettings {
+                    urls: urls.clone(),
+                    refresh: *refresh,
+                    max_staleness: *max_staleness,
+                    min_refetch_interval: *min_refetch_interval,
+                    timeout: jwks::JwksSettings::DEFAULT_TIMEOUT,
+                }),
+            },
+            audiences: p.audiences.clone(),
+            allow_weak_secret: p.allow_weak_secret,
+        })
+        .collect();
+    jwt::JwtSettings {
+        providers,
+        leeway: c.leeway,
+        max_lifetime: c.max_token_lifetime,
+        cache_capacity: c.token_cache_size,
+        claims: jwt::ClaimMapping {
+            actor: c.claims.actor.clone(),
+            subject: c.claims.subject.clone(),
+            workflow: c.claims.workflow.clone(),
+        },
+    }
+}
+
+/// The policy options the config asks for.
+pub fn policy_options(config: &Config) -> policy::PolicyOptions {
+    policy::PolicyOptions {
+        match_mode: match config.authorization.acl_match {
+            AclMatch::Whole => policy::MatchMode::Whole,
+            AclMatch::Prefix => policy::MatchMode::Prefix,
+        },
+    }
+}
+
+impl Gate {
+    /// Builds the Gate: validates the JWT settings (weak secrets, key kinds),
+    /// loads the policy (an invalid policy is fatal here). Key sets are not
+    /// fetched yet: call [`Gate::start`].
+    pub fn from_config(config: &Config) -> Result<Gate, GateError> {
+        let a = &config.authorization;
+        let jwt = match (&a.method, &a.jwt) {
+            (AuthMethod::Jwt, Some(c)) => Some(jwt::JwtAuthenticator::new(jwt_settings(c))?),
+            _ => None,
+        };
+        let policy = match (&a.method, &a.acl_config) {
+            (AuthMethod::None, _) | (_, None) => None,
+            (_, Some(path)) => Some(LivePolicy::load(path, policy_options(config))?),
+        };
+        if let Some(p) = &policy {
+            let current = p.current();
+            tracing::info!(
+                path = %a.acl_config.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                version = current.version(),
+                instances = current.instances().len(),
+                "policy loaded"
+            );
+        }
+        let authorizer: Arc<dyn Authorizer> = Arc::new(PolicyAuthorizer {
+            method: a.method,
+            policy: policy.clone(),
+        });
+        let max = config.limits.max_message_bytes;
+        Ok(Gate {
+            routes: route::RouteTable::new(),
+            method: a.method,
+            jwt,
+            policy,
+            unauthenticated_instances: a.allow_unauthenticated_instances.iter().cloned().collect(),
+            allow_localhost: a.allow_localhost_requests,
+            open_health: a.open_health,
+            open_reflection: a.open_reflection,
+            limits: frame::Limits {
+                max_message: max,
+                max_decompressed: max,
+            },
+            authorizer,
+        })
+    }
+
+    /// Starts the background work: the first key-set fetch and its refresh,
+    /// and the policy reloads (SIGHUP always; file changes when `watch`). Returns the tasks to abort
+    /// at shutdown.
+    pub async fn start(&self, watch: bool) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if let Some(jwt) = &self.jwt {
+            jwt.start().await;
+        }
+        if let Some(p) = &self.policy {
+            let poll = watch.then_some(std::time::Duration::from_secs(1));
+            tasks.push(p.spawn_watcher(poll));
+        }
+        tasks
+    }
+
+    /// Whether every key set has arrived (health reports NOT_SERVING before).
+    pub fn subscribe_ready(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.jwt.as_ref().map(|j| j.subscribe_ready())
+    }
+
+    /// The live policy, if ACLs are configured.
+    pub fn policy(&self) -> Option<&Arc<LivePolicy>> {
+        self.policy.as_ref()
+    }
+
+    /// The token verifier, with `method: jwt`.
+    pub fn jwt(&self) -> Option<&Arc<jwt::JwtAuthenticator>> {
+        self.jwt.as_ref()
+    }
+
+    pub(crate) fn clone_authorizer(&self) -> Arc<dyn Authorizer> {
+        self.authorizer.clone()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(j) = &self.jwt {
+            j.shutdown();
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Forwarding of upstream instances: an instance with `upstream:` sends every
+//! request it is given (REAPI, ByteStream, Execution, Operations) to another
+//! REAPI server, after the Gate admitted it.
+//!
+//! [`Upstream`] is a `tower::Service` over raw HTTP requests, so the Gate can
+//! dispatch to it and a tonic client can be built over it. It forwards byte
+//! for byte: the request and response bodies (streams included) pass through
+//! untouched and trailers are preserved. The transport is a lazily connected
+//! [`tonic::transport::Channel`] (hyper's HTTP/2 client with reconnection;
+//! TLS by rustls with the configured CA and optional client certificate), so
+//! one HTTP/2 connection is multiplexed for all callers.
+//!
+//! - Deadlines: the caller's `grpc-timeout` header goes upstream unchanged
+//!   (the upstream enforces it) and gridgate also gives up waiting for the
+//!   response headers when it expires (DEADLINE_EXCEEDED).
+//! - Cancellation: when the caller goes away, hyper drops the response body,
+//!   which resets the upstream HTTP/2 stream.
+//! - Headers: `authorization`, `x-request-actor`, `x-request-subject` and
+//!   `x-request-workflow` from the caller are removed (the upstream must never
+//!   see the caller's token or self-asserted identity); the configured static
+//!   `headers` are added (e.g. a service token); then, when the Gate put an
+//!   [`Admission`] in the request extensions, its identity's actor, subject
+//!   and workflow are sent as `x-request-*` (what BuildGrid's `method:
+//!   headers` reads).
+//! - An unreachable upstream is answered with UNAVAILABLE naming its address.
+//! - Instance-name rewriting (`instance-name:`): the requests whose first
+//!   field names the instance (Capabilities, CAS, ActionCache, Execute) and
+//!   ByteStream resource names (Read, Write, QueryWriteStatus) are re-encoded
+//!   with the upstream name, message by message (compressed messages are
+//!   decompressed and sent uncompressed). Operation names (WaitExecution,
+//!   Operations) and responses are not rewritten: with rewriting, clients see
+//!   the upstream's operation names.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use tonic::body::Body;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{Config, InstanceBackend, UpstreamConfig};
+use crate::gate::admission::Admission;
+
+mod rewrite;
+
+/// Headers a caller may not pass upstream.
+const STRIPPED: [&str; 4] = [
+    "authorization",
+    "x-request-actor",
+    "x-request-subject",
+    "x-request-workflow",
+];
+
+/// Why an upstream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {address}: {reason}")]
+    Setup { address: String, reason: String },
+}
+
+/// A forwarder to one upstream REAPI server.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+    channel: Channel,
+}
+
+struct Inner {
+    /// The configured address, for messages.
+    address: String,
+    headers: HeaderMap,
+    rewrite: Option<rewrite::Rewrite>,
+}
+
+impl Upstream {
+    /// A forwarder for the instance `public_name` configured with `cfg`.
+    /// Connects lazily (on the first request); must be called within a tokio
+    /// runtime. Reads the TLS files.
+    pub fn new(public_name: &str, cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let err = |reason: String| UpstreamError::Setup {
+            address: cfg.address.clone(),
+            reason,
+        };
+        let host_port = cfg
+            .address
+            .split_once("://")
+            .map(|(_, rest)| rest.trim_end_matches('/'))
+            .ok_or_else(|| err("needs grpc:// or grpcs://".into()))?;
+        let scheme = if cfg.tls { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))
+            .map_err(|e| err(format!("not a valid address: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if cfg.tls {
+            let ca_path = cfg.tls_ca.as_ref().ok_or_else(|| {
+                err("grpcs:// needs tls-ca: gridgate does not use the system's trust store for upstreams".into())
+            })?;
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))
+            };
+            let mut tls =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca_path)?));
+            if let Some(host) = host_port
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']))
+            {
+                tls = tls.domain_name(host.to_string());
+            }
+            if let (Some(cert), Some(key)) = (&cfg.tls_client_cert, &cfg.tls_client_key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| err(format!("TLS setup: {e}")))?;
+        }
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| err(format!("header name {k:?} is not valid")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| err(format!("header {k}: value is not a valid header value")))?;
+            headers.insert(name, value);
+        }
+        let rewrite = match &cfg.instance_name {
+            Some(upstream) if upstream != public_name => Some(rewrite::Rewrite {
+                upstream: upstream.clone(),
+            }),
+            _ => None,
+        };
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                address: cfg.address.clone(),
+                headers,
+                rewrite,
+            }),
+            channel: endpoint.connect_lazy(),
+        })
+    }
+
+    /// The configured address.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    fn prepare(&self, mut req: http::Request<Body>) -> Result<http::Request<Body>, tonic::Status> {
+        let admission = req.extensions().get::<Admission>().cloned();
+        let headers = req.headers_mut();
+        for h in STRIPPED {
+            headers.remove(h);
+        }
+        for (k, v) in &self.inner.headers {
+            headers.insert(k.clone(), v.clone());
+        }
+        if let Some(a) = admission {
+            let id = &a.identity;
+            for (name, value) in [
+                ("x-request-actor", &id.actor),
+                ("x-request-subject", &id.subject),
+                ("x-request-workflow", &id.workflow),
+            ] {
+                if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                    headers.insert(name, v);
+                }
+            }
+        }
+        match &self.inner.rewrite {
+            Some(r) => r.apply(req),
+            None => Ok(req),
+        }
+    }
+}
+
+/// The status for a transport failure reaching `address`.
+fn transport_status(address: &str, e: tonic::transport::Error) -> tonic::Status {
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    let mut timed_out = false;
+    while let Some(s) = source {
+        if s.is::<tonic::TimeoutExpired>() {
+            timed_out = true;
+        }
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    if timed_out {
+        tonic::Status::deadline_exceeded(format!(
+            "upstream {address} did not answer before the deadline"
+        ))
+    } else {
+        tonic::Status::unavailable(format!("upstream {address} is unreachable: {detail}"))
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Upstream {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The channel's readiness is awaited per call (on a clone), so one
+        // slow upstream connection never blocks the caller's service stack.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let req = match this.prepare(req) {
+                Ok(r) => r,
+                Err(status) => return Ok(status.into_http()),
+            };
+            match tower::ServiceExt::oneshot(this.channel.clone(), req).await {
+                Ok(resp) => Ok(resp),
+                Err(e) => Ok(transport_status(&this.inner.address, e).into_http()),
+            }
+        })
+    }
+}
+
+/// The upstream instances of a config, by public instance name.
+#[derive(Clone, Default)]
+pub struct Upstreams {
+    by_name: HashMap<String, Upstream>,
+}
+
+impl Upstreams {
+    /// Builds a forwarder for every upstream instance in `config` (must be
+    /// called within a tokio runtime; nothing connects until used).
+    pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
+        let mut by_name = HashMap::new();
+        for i in &config.instances {
+            if let InstanceBackend::Upstream(u) = &i.backend {
+                by_name.insert(i.name.clone(), Upstream::new(&i.name, u)?);
+            }
+        }
+        Ok(Upstreams { by_name })
+    }
+
+    /// The forwarder for `instance`, if it is an upstream instance.
+    pub fn get(&self, instance: &str) -> Option<Upstream> {
+        self.by_name.get(instance).cloned()
+    }
+
+    /// Whether there are no upstream instances.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}

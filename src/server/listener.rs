@@ -1,0 +1,355 @@
+//! Listening channels: TCP and Unix sockets, the TLS handshake, and what is
+//! known about each connection ([`ConnInfo`], attached to every request).
+//!
+//! Each channel has its own accept loop. TLS handshakes run in their own tasks
+//! with a timeout, so a slow or silent client cannot hold up the accept loop;
+//! finished connections are handed to the HTTP/2 server through one queue.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
+
+use super::tls;
+use crate::config::{ChannelConfig, ListenAddr};
+use crate::gate::identity::PeerCertificate;
+
+/// The address a channel actually listens on (with the real port for port 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for BoundAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BoundAddr::Tcp(a) => write!(f, "{a}"),
+            BoundAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+/// What is known about a connection; tonic puts it in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The remote peer.
+    pub peer: Peer,
+    /// Loopback TCP or a Unix socket.
+    pub local: bool,
+    /// The verified client certificate (channels with `tls-client-certs`).
+    pub certificate: Option<Arc<PeerCertificate>>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The last bearer token verified on this connection (never logged).
+    pub token: Arc<crate::gate::jwt::ConnectionToken>,
+}
+
+enum Io {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    TlsTcp(Box<TlsStream<TcpStream>>),
+    TlsUnix(Box<TlsStream<UnixStream>>),
+}
+
+/// One accepted (and, on TLS channels, handshaken) connection.
+pub struct Conn {
+    io: Io,
+    info: ConnInfo,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Tcp($io) => $e,
+            Io::Unix($io) => $e,
+            Io::TlsTcp($io) => $e,
+            Io::TlsUnix($io) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, io => Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => Pin::new(io).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => Pin::new(io).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => Pin::new(io).poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Tcp(io) => io.is_write_vectored(),
+            Io::Unix(io) => io.is_write_vectored(),
+            Io::TlsTcp(io) => io.is_write_vectored(),
+            Io::TlsUnix(io) => io.is_write_vectored(),
+        }
+    }
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A bound channel, not yet accepting.
+pub struct BoundChannel {
+    socket: Socket,
+    tls: Option<TlsAcceptor>,
+    /// Where it listens.
+    pub addr: BoundAddr,
+    /// Whether it requires client certificates.
+    pub mtls: bool,
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: String, source: io::Error },
+    #[error("{address}: {path} exists and is not a socket; refusing to replace it")]
+    NotASocket { address: String, path: String },
+    #[error("{address}: TLS: {source}")]
+    Tls {
+        address: String,
+        source: tls::TlsError,
+    },
+}
+
+impl BoundChannel {
+    /// Binds a channel's socket and prepares its TLS acceptor.
+    pub async fn bind(channel: &ChannelConfig) -> Result<BoundChannel, ListenError> {
+        let tls = match &channel.tls {
+            Some(t) => Some(TlsAcceptor::from(tls::server_config(t).map_err(
+                |source| ListenError::Tls {
+                    address: channel.address.clone(),
+                    source,
+                },
+            )?)),
+            None => None,
+        };
+        let mtls = channel.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        let bind_err = |source| ListenError::Bind {
+            address: channel.address.clone(),
+            source,
+        };
+        let (socket, addr) = match &channel.listen {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).await.map_err(bind_err)?;
+                let local = l.local_addr().map_err(bind_err)?;
+                (Socket::Tcp(l), BoundAddr::Tcp(local))
+            }
+            ListenAddr::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_socket() {
+                        return Err(ListenError::NotASocket {
+                            address: channel.address.clone(),
+                            path: path.display().to_string(),
+                        });
+                    }
+                    // A socket file left by an earlier run that did not exit cleanly.
+                    let _ = std::fs::remove_file(path);
+                }
+                let l = UnixListener::bind(path).map_err(bind_err)?;
+                (Socket::Unix(l, path.clone()), BoundAddr::Unix(path.clone()))
+            }
+        };
+        Ok(BoundChannel {
+            socket,
+            tls,
+            addr,
+            mtls,
+        })
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Accepts connections until `stop` turns true, sending each finished
+    /// connection to `out`.
+    pub async fn accept_loop(
+        self,
+        out: mpsc::Sender<Conn>,
+        mut stop: watch::Receiver<bool>,
+        handshake_timeout: Duration,
+    ) {
+        let addr = self.addr.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                a = accept(&self.socket) => a,
+            };
+            let (io, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the
+                    // connections we have, try again shortly.
+                    tracing::warn!(channel = %addr, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let local = match &peer {
+                Peer::Tcp(a) => is_loopback(a),
+                Peer::Unix => true,
+            };
+            match &self.tls {
+                None => {
+                    let conn = Conn {
+                        io,
+                        info: ConnInfo {
+                            peer,
+                            local,
+                            certificate: None,
+                            tls: false,
+                            token: Arc::default(),
+                        },
+                    };
+                    if out.send(conn).await.is_err() {
+                        break;
+                    }
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let out = out.clone();
+                    let channel = addr.clone();
+                    tokio::spawn(async move {
+                        let handshake = tokio::time::timeout(
+                            handshake_timeout,
+                            handshake(acceptor, io, peer.clone(), local),
+                        );
+                        match handshake.await {
+                            Ok(Ok(conn)) => {
+                                let _ = out.send(conn).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::info!(channel = %channel, peer = %peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                tracing::info!(channel = %channel, peer = %peer, "TLS handshake timed out");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        if let Socket::Unix(_, path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+async fn accept(socket: &Socket) -> io::Result<(Io, Peer)> {
+    match socket {
+        Socket::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Io::Tcp(s), Peer::Tcp(peer)))
+        }
+        Socket::Unix(l, _) => {
+            let (s, _) = l.accept().await?;
+            Ok((Io::Unix(s), Peer::Unix))
+        }
+    }
+}
+
+async fn handshake(acceptor: TlsAcceptor, io: Io, peer: Peer, local: bool) -> io::Result<Conn> {
+    let (io, certs) = match io {
+        Io::Tcp(s) => {
+            let tls = acceptor.accept(s).await?;
+            let cert = first_cert(tls.get_ref().1);
+            (Io::TlsTcp(Box::new(tls)), cert)
+        }
+        Io::Unix(s) => {
+            let tls = acceptor.accept(s).await?;
+            let cert = first_cert(tls.get_ref().1);
+            (Io::TlsUnix(Box::new(tls)), cert)
+        }
+        other => (other, None),
+    };
+    Ok(Conn {
+        io,
+        info: ConnInfo {
+            peer,
+            local,
+            certificate: certs.map(Arc::new),
+            tls: true,
+            token: Arc::default(),
+        },
+    })
+}
+
+fn first_cert(conn: &rustls::ServerConnection) -> Option<PeerCertificate> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(tls::peer_certificate)
+}

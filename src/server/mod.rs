@@ -1,0 +1,318 @@
+//! The gateway server: binds every channel, assembles the services behind the
+//! gate, serves until told to stop, then drains within a grace period.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = gridgate::config::Config::embedded_default()?;
+//! let gateway = gridgate::server::Gateway::bind(config).await?;
+//! for addr in gateway.local_addrs() {
+//!     println!("listening on {addr}");
+//! }
+//! gateway.serve(gridgate::server::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod listener;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::service::RoutesBuilder;
+
+use crate::config::{AuthMethod, Config};
+use crate::gate::{Gate, GateLayer};
+pub use listener::{BoundAddr, ConnInfo, Peer};
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    #[error("setting up {what}: {reason}")]
+    Setup { what: &'static str, reason: String },
+    #[error(transparent)]
+    Gate(#[from] crate::gate::GateError),
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A gateway whose channels are bound and whose services are built.
+pub struct Gateway {
+    config: Arc<Config>,
+    gate: Arc<Gate>,
+    upstreams: Arc<crate::reapi::upstream::Upstreams>,
+    channels: Vec<listener::BoundChannel>,
+    routes: tonic::service::Routes,
+    health: tonic_health::server::HealthReporter,
+    /// What the health service said at bind time (SERVING unless JWKS key
+    /// sets are still to be fetched).
+    ready: bool,
+}
+
+impl Gateway {
+    /// Binds every channel and builds the services. Nothing is served until
+    /// [`Gateway::serve`]; any problem (a port in use, a bad certificate) is
+    /// reported here, before a single request is taken.
+    pub async fn bind(config: Config) -> Result<Gateway, ServerError> {
+        let gate = Arc::new(Gate::from_config(&config)?);
+        let config = Arc::new(config);
+        let mut channels = Vec::new();
+        for c in &config.channels {
+            channels.push(listener::BoundChannel::bind(c).await?);
+        }
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        // JWKS key sets are fetched once serving starts: NOT_SERVING until
+        // they arrive (the readiness task reports the change).
+        let ready = gate.subscribe_ready().is_none_or(|r| *r.borrow());
+        if !ready {
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        let mut served: Vec<&'static str> = vec!["grpc.health.v1.Health"];
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(compressed!(health_service, config.compression));
+
+        let reapi = crate::reapi::ReapiServices::new(&config).map_err(|e| ServerError::Setup {
+            what: "REAPI instances",
+            reason: e.to_string(),
+        })?;
+        served.extend(reapi.add_to(&mut routes, config.compression));
+        let upstreams = Arc::new(
+            crate::reapi::upstream::Upstreams::new(&config).map_err(|e| ServerError::Setup {
+                what: "upstream instances",
+                reason: e.to_string(),
+            })?,
+        );
+        let bes = crate::bes::BesServices::open(&config)
+            .await
+            .map_err(|e| ServerError::Setup {
+                what: "the build event store (build-events)",
+                reason: e.to_string(),
+            })?;
+        served.extend(bes.add_to(&mut routes, config.compression));
+
+        if config.server_reflection {
+            served.push("grpc.reflection.v1.ServerReflection");
+            served.push("grpc.reflection.v1alpha.ServerReflection");
+            let reflection = || {
+                let mut b = tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+                for name in &served {
+                    b = b.with_service_name(*name);
+                }
+                b
+            };
+            let setup = |e: tonic_reflection::server::Error| ServerError::Setup {
+                what: "server reflection",
+                reason: e.to_string(),
+            };
+            routes.add_service(compressed!(
+                reflection().build_v1().map_err(setup)?,
+                config.compression
+            ));
+            routes.add_service(compressed!(
+                reflection().build_v1alpha().map_err(setup)?,
+                config.compression
+            ));
+        }
+
+        Ok(Gateway {
+            config,
+            gate,
+            upstreams,
+            channels,
+            routes: routes.routes(),
+            health,
+            ready,
+        })
+    }
+
+    /// The addresses the channels listen on, in config order.
+    pub fn local_addrs(&self) -> Vec<BoundAddr> {
+        self.channels.iter().map(|c| c.addr.clone()).collect()
+    }
+
+    /// The health reporter (to mark services serving or not).
+    pub fn health(&self) -> tonic_health::server::HealthReporter {
+        self.health.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight
+    /// RPCs finish for at most the configured grace period, and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Gateway {
+            config,
+            gate,
+            upstreams,
+            channels,
+            routes,
+            health,
+            ready,
+        } = self;
+        let limits = &config.limits;
+
+        for c in &channels {
+            let security = match (c.is_tls(), c.mtls) {
+                (true, true) => "TLS, client certificates required",
+                (true, false) => "TLS",
+                _ => "plaintext",
+            };
+            tracing::info!("listening on {} ({security})", c.addr);
+        }
+        if config.authorization.method == AuthMethod::None {
+            let addrs: Vec<String> = channels.iter().map(|c| c.addr.to_string()).collect();
+            tracing::warn!(
+                "authorization is `none`: this endpoint is open, any client that can reach {} may call every RPC",
+                addrs.join(", ")
+            );
+        }
+        for (key, note) in &config.ignored {
+            tracing::warn!("{}: {key}: not used by gridgate: {note}", config.source);
+        }
+
+        let mut background = gate.start(config.authorization.watch_policy).await;
+        background.push(spawn_readiness(&gate, health.clone(), ready));
+        if gate.policy().is_none() {
+            // Nothing to reload yet; without a handler SIGHUP would end the process.
+            background.push(tokio::spawn(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                if let Ok(mut hup) = signal(SignalKind::hangup()) {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: no policy files to reload");
+                    }
+                }
+            }));
+        }
+
+        let (conn_tx, conn_rx) = mpsc::channel(256);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut acceptors = Vec::new();
+        for c in channels {
+            acceptors.push(tokio::spawn(c.accept_loop(
+                conn_tx.clone(),
+                stop_rx.clone(),
+                limits.tls_handshake_timeout,
+            )));
+        }
+        drop(conn_tx);
+        let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
+
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .http2_max_header_list_size(Some(limits.max_header_list_size))
+            .layer(GateLayer::new(gate.clone(), upstreams))
+            .add_routes(routes);
+
+        let mut drain_rx = stop_rx.clone();
+        let serving = server.serve_with_incoming_shutdown(incoming, async move {
+            let _ = drain_rx.wait_for(|s| *s).await;
+        });
+        tokio::pin!(serving);
+        tokio::pin!(shutdown);
+
+        let stop_background = |tasks: Vec<tokio::task::JoinHandle<()>>| {
+            for t in tasks {
+                t.abort();
+            }
+        };
+        tokio::select! {
+            result = &mut serving => {
+                let _ = stop_tx.send(true);
+                stop_background(background);
+                return result.map_err(ServerError::from);
+            }
+            _ = &mut shutdown => {}
+        }
+        stop_background(background);
+        tracing::info!(
+            grace_seconds = limits.shutdown_grace.as_secs(),
+            "shutting down: no new connections; waiting for in-flight requests"
+        );
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = stop_tx.send(true);
+        for a in acceptors {
+            let _ = a.await;
+        }
+        match tokio::time::timeout(limits.shutdown_grace, &mut serving).await {
+            Ok(result) => {
+                tracing::info!("all requests finished; stopped");
+                result.map_err(ServerError::from)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "grace period of {}s is over; closing the remaining connections",
+                    limits.shutdown_grace.as_secs()
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reports NOT_SERVING on the health service until every JWKS has delivered
+/// its first key set (and whenever the keys become unusable), SERVING otherwise.
+fn spawn_readiness(
+    gate: &Gate,
+    health: tonic_health::server::HealthReporter,
+    published: bool,
+) -> tokio::task::JoinHandle<()> {
+    let ready = gate.subscribe_ready();
+    tokio::spawn(async move {
+        use tonic_health::ServingStatus::{NotServing, Serving};
+        // Without key sets to wait for, the reporter's SERVING stands.
+        let Some(mut ready) = ready else {
+            return;
+        };
+        // Publish changes only (from what `bind` published), so a Watch client
+        // sees one message per change.
+        let mut published = published;
+        loop {
+            let now = *ready.borrow_and_update();
+            if published != now {
+                if !now {
+                    tracing::warn!("not ready: waiting for the JWKS key sets");
+                }
+                health
+                    .set_service_status("", if now { Serving } else { NotServing })
+                    .await;
+                published = now;
+            }
+            if ready.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when
+/// this is called, so a signal that arrives before the future is first polled
+/// is not lost (and does not kill the process).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Upstream instances: `Upstream` forwarding to a second gridgate, to a
+//! recording server, to nothing, over TLS, and to a real BuildGrid 0.4.4.
+//! The tonic clients are built directly over `Upstream` (a tower service).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bs::byte_stream_client::ByteStreamClient;
+use bytes::Bytes;
+use common::buildgrid::BuildGrid;
+use common::{loopback_config, Certs, TestServer};
+use gridgate::config::UpstreamConfig;
+use gridgate::gate::admission::Admission;
+use gridgate::gate::identity::Identity;
+use gridgate::proto::build::bazel::remote::execution::v2 as re;
+use gridgate::proto::google::bytestream as bs;
+use gridgate::reapi::digest::BlobKey;
+use gridgate::reapi::upstream::Upstream;
+use re::action_cache_client::ActionCacheClient;
+use re::capabilities_client::CapabilitiesClient;
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use tonic::{Code, Request, Response, Status};
+
+const MIB: usize = 1024 * 1024;
+
+fn upstream_cfg(address: String) -> UpstreamConfig {
+    UpstreamConfig {
+        address,
+        tls: false,
+        tls_ca: None,
+        tls_client_cert: None,
+        tls_client_key: None,
+        headers: BTreeMap::new(),
+        instance_name: None,
+    }
+}
+
+fn local_yaml(instance: &str) -> String {
+    loopback_config(
+        "",
+        &format!(
+            "authorization:\n  method: none\ninstances:\n  - name: \"{instance}\"\n    cas: {{ backend: memory, max-bytes: 64M }}\n"
+        ),
+    )
+}
+
+fn blob(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn digest(data: &[u8]) -> re::Digest {
+    BlobKey::of(data).to_digest()
+}
+
+/// Upload, read back, find, batch and action-cache round trips through `up`
+/// on instance `instance`.
+async fn round_trips(up: Upstream, instance: &str) {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    let caps = CapabilitiesClient::new(up.clone())
+        .get_capabilities(re::GetCapabilitiesRequest {
+            instance_name: instance.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.cache_capabilities.is_some());
+
+    // ByteStream: a 3 MiB blob in 64 KiB messages, then read back.
+    let data = blob(3 * MIB + 5, 1);
+    let k = BlobKey::of(&data);
+    let wname = format!(
+        "{prefix}uploads/6d1c1b7e-0000-4000-8000-000000000001/blobs/{}/{}",
+        k.hex(),
+        k.size
+    );
+    let reqs: Vec<bs::WriteRequest> = data
+        .chunks(64 * 1024)
+        .enumerate()
+        .map(|(i, c)| bs::WriteRequest {
+            resource_name: if i == 0 { wname.clone() } else { String::new() },
+            write_offset: (i * 64 * 1024) as i64,
+            finish_write: (i + 1) * 64 * 1024 >= data.len(),
+            data: Bytes::copy_from_slice(c),
+        })
+        .collect();
+    let mut bsc = ByteStreamClient::new(up.clone());
+    let committed = bsc
+        .write(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(committed.committed_size, data.len() as i64);
+    let mut s = bsc
+        .read(bs::ReadRequest {
+            resource_name: format!("{prefix}blobs/{}/{}", k.hex(), k.size),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        back.extend_from_slice(&m.data);
+    }
+    assert!(
+        back == data,
+        "read back {} bytes, wrote {}",
+        back.len(),
+        data.len()
+    );
+
+    // Errors (statuses in trailers) pass through.
+    let absent = blob(10, 99);
+    let ak = BlobKey::of(&absent);
+    let err = async {
+        let mut s = bsc
+            .read(bs::ReadRequest {
+                resource_name: format!("{prefix}blobs/{}/{}", ak.hex(), ak.size),
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await?
+            .into_inner();
+        while s.message().await?.is_some() {}
+        Ok::<(), Status>(())
+    }
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // CAS batches.
+    let mut cas = ContentAddressableStorageClient::new(up.clone());
+    let small = blob(1000, 2);
+    let resp = cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            instance_name: instance.into(),
+            requests: vec![re::batch_update_blobs_request::Request {
+                digest: Some(digest(&small)),
+                data: small.clone().into(),
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.responses[0].status.as_ref().map(|s| s.code), Some(0));
+    let missing = cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            instance_name: instance.into(),
+            blob_digests: vec![digest(&small), digest(&data), digest(&absent)],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing, vec![digest(&absent)]);
+    let read = cas
+        .batch_read_blobs(re::BatchReadBlobsRequest {
+            instance_name: instance.into(),
+            digests: vec![digest(&small)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.responses[0].data, small);
+
+    // Action cache.
+    let mut ac = ActionCacheClient::new(up.clone());
+    let action = digest(b"an action for the upstream");
+    let result = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "out".into(),
+            digest: Some(digest(&small)),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        ..Default::default()
+    };
+    ac.update_action_result(re::UpdateActionResultRequest {
+        instance_name: instance.into(),
+        action_digest: Some(action.clone()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let got = ac
+        .get_action_result(re::GetActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.output_files, result.output_files);
+}
+
+#[tokio::test]
+async fn forwards_to_a_second_gridgate() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestServer::start(&local_yaml("main"), dir.path()).await;
+    let up = Upstream::new("main", &upstream_cfg(format!("grpc://{}", b.tcp()))).unwrap();
+    round_trips(up, "main").await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn rewrites_the_instance_name() {
+    let dir = tempfile::tempdir().unwrap();
+    // The upstream only knows "main" (and then only ""); callers say "team-a".
+    let b = TestServer::start(&local_yaml("main"), dir.path()).await;
+    let mut cfg = upstream_cfg(format!("grpc://{}", b.tcp()));
+    cfg.instance_name = Some("main".into());
+    round_trips(Upstream::new("team-a", &cfg).unwrap(), "team-a").await;
+    b.stop().await;
+
+    let b = TestServer::start(&local_yaml(""), dir.path()).await;
+    let mut cfg = upstream_cfg(format!("grpc://{}", b.tcp()));
+    cfg.instance_name = Some(String::new());
+    round_trips(Upstream::new("team-a", &cfg).unwrap(), "team-a").await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn forwards_over_mtls() {
+    let certs = Certs::new();
+    let yaml = loopback_config(
+        &certs.credentials_yaml(true),
+        "authorization:\n  method: none\ninstances:\n  - name: main\n    cas: { backend: memory, max-bytes: 64M }\n",
+    );
+    let b = TestServer::start(&yaml, certs.dir.path()).await;
+    let mut cfg = upstream_cfg(format!("grpcs://localhost:{}", b.tcp().port()));
+    cfg.tls = true;
+    cfg.tls_ca = Some(certs.ca.clone());
+    cfg.tls_client_cert = Some(certs.client_cert.clone());
+    cfg.tls_client_key = Some(certs.client_key.clone());
+    round_trips(Upstream::new("main", &cfg).unwrap(), "main").await;
+
+    // Without the client certificate the upstream refuses the handshake.
+    cfg.tls_client_cert = None;
+    cfg.tls_client_key = None;
+    let err = CapabilitiesClient::new(Upstream::new("main", &cfg).unwrap())
+        .get_capabilities(re::GetCapabilitiesRequest {
+            instance_name: "main".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_unavailable_with_its_address() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("grpc://127.0.0.1:{port}");
+    let up = Upstream::new("x", &upstream_cfg(address.clone())).unwrap();
+    let err = CapabilitiesClient::new(up)
+        .get_capabilities(re::GetCapabilitiesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains(&address), "{}", err.message());
+}
+
+/// A Capabilities server that reports the headers it received (in the error
+/// message) and, for instance "slow", never answers.
+struct Recorder;
+
+#[tonic::async_trait]
+impl re::capabilities_server::Capabilities for Recorder {
+    async fn get_capabilities(
+        &self,
+        request: Request<re::GetCapabilitiesRequest>,
+    ) -> Result<Response<re::ServerCapabilities>, Status> {
+        if request.get_ref().instance_name == "slow" {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        let mut seen: Vec<String> = request
+            .metadata()
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some(format!("{}={}", k.as_str(), v.to_str().unwrap_or("?")))
+                }
+                _ => None,
+            })
+            .collect();
+        seen.sort();
+        Err(Status::failed_precondition(seen.join(";")))
+    }
+}
+
+#[tokio::test]
+async fn headers_deadlines_and_identity() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(re::capabilities_server::CapabilitiesServer::new(Recorder))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut cfg = upstream_cfg(format!("grpc://{addr}"));
+    cfg.headers
+        .insert("x-service-token".into(), "s3cret".into());
+    let up = Upstream::new("team-a", &cfg).unwrap();
+
+    let mut req = Request::new(re::GetCapabilitiesRequest {
+        instance_name: "team-a".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer caller-token".parse().unwrap());
+    req.metadata_mut()
+        .insert("x-request-actor", "forged".parse().unwrap());
+    req.metadata_mut()
+        .insert("x-other", "kept".parse().unwrap());
+    let err = CapabilitiesClient::new(up.clone())
+        .get_capabilities(req)
+        .await
+        .unwrap_err();
+    let seen = err.message().to_string();
+    assert!(seen.contains("x-service-token=s3cret"), "{seen}");
+    assert!(seen.contains("x-other=kept"), "{seen}");
+    assert!(!seen.contains("authorization"), "{seen}");
+    assert!(!seen.contains("forged"), "{seen}");
+
+    // With an admission, its identity is presented.
+    let mut req = Request::new(re::GetCapabilitiesRequest {
+        instance_name: "team-a".into(),
+    });
+    let mut identity = Identity::anonymous(None);
+    identity.actor = Some("ci-bot".into());
+    identity.subject = Some("repo:org/app".into());
+    identity.workflow = Some("build".into());
+    let mut admission = Admission::anonymous_allow_all(Some("team-a".into()), "GetCapabilities");
+    admission.identity = std::sync::Arc::new(identity);
+    req.extensions_mut().insert(admission);
+    req.metadata_mut()
+        .insert("x-request-actor", "forged".parse().unwrap());
+    let err = CapabilitiesClient::new(up.clone())
+        .get_capabilities(req)
+        .await
+        .unwrap_err();
+    let seen = err.message().to_string();
+    assert!(seen.contains("x-request-actor=ci-bot"), "{seen}");
+    assert!(seen.contains("x-request-subject=repo:org/app"), "{seen}");
+    assert!(seen.contains("x-request-workflow=build"), "{seen}");
+    assert!(!seen.contains("forged"), "{seen}");
+
+    // The caller's deadline applies.
+    let mut req = Request::new(re::GetCapabilitiesRequest {
+        instance_name: "slow".into(),
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let start = Instant::now();
+    let err = CapabilitiesClient::new(up)
+        .get_capabilities(req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    server.abort();
+}
+
+#[tokio::test]
+async fn buildgrid_as_the_upstream() {
+    let Some(bg) = tokio::task::spawn_blocking(|| BuildGrid::start(&["main"]))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    // Same name on both sides.
+    round_trips(
+        Upstream::new("main", &upstream_cfg(bg.address())).unwrap(),
+        "main",
+    )
+    .await;
+    // A public name rewritten to BuildGrid's.
+    let mut cfg = upstream_cfg(bg.address());
+    cfg.instance_name = Some("main".into());
+    round_trips(Upstream::new("team-a", &cfg).unwrap(), "team-a").await;
+    drop(bg);
+}
