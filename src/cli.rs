@@ -50,6 +50,11 @@ pub enum Command {
         /// The YAML config file (see the README's config reference).
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Write the Gate's audit lines (one per decision: who, what, which
+        /// instance, allow or deny and why, the request id) to FILE as JSON
+        /// lines, appended, instead of stderr.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
     },
     /// Validate a config file and print what it would run; exits 1 on errors.
     ///
@@ -149,30 +154,70 @@ pub enum DevCommand {
     },
 }
 
-/// Sets up logging on stderr.
-pub fn init_logging(format: LogFormat, filter: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
+/// The target of the Gate's audit lines.
+pub const AUDIT_TARGET: &str = "gridgate::audit";
+
+/// Sets up logging on stderr (and the audit lines in `audit`, when given).
+pub fn init_logging(format: LogFormat, filter: Option<&str>, audit: Option<std::fs::File>) {
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = match filter {
         Some(f) => EnvFilter::new(f),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     use std::io::IsTerminal;
     let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let to_file = audit.is_some();
+    let not_audit = filter_fn(move |m| !(to_file && m.target() == AUDIT_TARGET));
+    let stderr = tracing_subscriber::fmt::layer()
         .with_ansi(color)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let stderr = match format {
+        LogFormat::Text => stderr.with_filter(not_audit).boxed(),
+        LogFormat::Json => stderr
+            .json()
+            .flatten_event(true)
+            .with_filter(not_audit)
+            .boxed(),
     };
+    let audit = audit.map(|file| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::sync::Mutex::new(file))
+            .with_filter(filter_fn(|m| m.target() == AUDIT_TARGET))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(audit)
+        .try_init();
 }
 
 /// Runs the command line; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format, cli.log.as_deref());
+    let audit = match &cli.command {
+        Command::Serve {
+            audit_log: Some(path),
+            ..
+        } => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("error: --audit-log: cannot open {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    init_logging(cli.log_format, cli.log.as_deref(), audit);
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, .. } => serve(config),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 // The authorization section too: key material and ACL files.

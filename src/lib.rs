@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod devcerts;
 pub mod gate;
+pub mod metrics;
 pub mod proto;
 pub mod reapi;
 pub mod server;

@@ -55,7 +55,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::event::{prepare, EventError, EventKind, Prepared, StreamKey};
-use super::store::{EventStore, Outcome, Rejection, StoreError};
+use super::store::{EventStore, Outcome, Published, Rejection, StoreError};
 use crate::proto::google::devtools::build::v1::{
     publish_build_event_server::PublishBuildEvent, stream_id::BuildComponent,
     PublishBuildToolEventStreamRequest, PublishBuildToolEventStreamResponse,
@@ -196,11 +196,14 @@ impl PublishBuildEvent for PublishService {
             };
             require_stream(&*self.store, &build, &req.project_id, "build_enqueued").await?;
         }
-        let published = self
-            .store
-            .publish_events(&req.project_id, std::slice::from_ref(&prepared))
-            .await
-            .map_err(|e| store_status(&e))?;
+        let published = publish_measured(
+            &*self.store,
+            &req.project_id,
+            std::slice::from_ref(&prepared),
+            "lifecycle",
+        )
+        .await
+        .map_err(|e| store_status(&e))?;
         if let Some(r) = &published.rejection {
             return Err(rejection_status(&prepared.stream, r));
         }
@@ -233,6 +236,7 @@ impl PublishBuildEvent for PublishService {
         let max_event_bytes = self.max_event_bytes;
         let shared = self.read_ahead.clone();
         tokio::spawn(async move {
+            let _open = crate::metrics::OpenBesStream::new();
             ToolStream {
                 store,
                 max_event_bytes,
@@ -245,6 +249,38 @@ impl PublishBuildEvent for PublishService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Stores events and measures it: time per event, events and bytes newly stored.
+async fn publish_measured(
+    store: &dyn EventStore,
+    instance: &str,
+    events: &[Prepared],
+    kind: &'static str,
+) -> Result<Published, StoreError> {
+    if !crate::metrics::enabled() {
+        return store.publish_events(instance, events).await;
+    }
+    let started = std::time::Instant::now();
+    let result = store.publish_events(instance, events).await;
+    if let Ok(published) = &result {
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for (outcome, e) in published.outcomes.iter().zip(events) {
+            if *outcome == Outcome::Stored {
+                count += 1;
+                bytes += e.body.len() as u64;
+            }
+        }
+        crate::metrics::bes_stored(
+            store.backend(),
+            kind,
+            count,
+            bytes,
+            started.elapsed(),
+            published.outcomes.len(),
+        );
+    }
+    result
 }
 
 /// One `PublishBuildToolEventStream` call.
@@ -432,13 +468,14 @@ impl ToolStream {
         if prepared.is_empty() {
             return None;
         }
-        let published = match self.store.publish_events(&instance, prepared).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(stream = %stream, "storing build events failed: {e}");
-                return Some(store_status(&e));
-            }
-        };
+        let published =
+            match publish_measured(&*self.store, &instance, prepared, "build_tool").await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(stream = %stream, "storing build events failed: {e}");
+                    return Some(store_status(&e));
+                }
+            };
         for (outcome, p) in published.outcomes.iter().zip(prepared) {
             if *outcome == (Outcome::Duplicate { identical: false }) {
                 tracing::warn!(

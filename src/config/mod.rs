@@ -80,6 +80,8 @@ pub struct Config {
     pub build_events_limits: BuildEventsLimits,
     /// Connection and request limits.
     pub limits: LimitsConfig,
+    /// The Prometheus endpoint (`metrics: { address: ... }`), off when `None`.
+    pub metrics: Option<MetricsEndpointConfig>,
     /// Things a BuildGrid config carries that gridgate accepts but does not use,
     /// as (key path, note) pairs; logged as warnings at start.
     pub ignored: Vec<(String, String)>,
@@ -266,7 +268,14 @@ impl fmt::Debug for JwtKeyConfig {
     }
 }
 
-/// BuildGrid's `monitoring:` section (its behaviour arrives with the metrics work).
+/// gridgate's Prometheus endpoint: `GET /metrics` on its own HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsEndpointConfig {
+    /// Where to listen (port 0 picks a free port; the bound address is logged).
+    pub address: SocketAddr,
+}
+
+/// BuildGrid's `monitoring:` section: metrics pushed as StatsD or JSON lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitoringConfig {
     pub enabled: bool,
@@ -550,6 +559,20 @@ impl Config {
         let build_events = v.build_events(raw.build_events.as_ref())?;
         let build_events_limits = v.build_events_limits(raw.build_events.as_ref())?;
         let limits = v.limits(raw.limits.as_ref())?;
+        let metrics = match &raw.metrics {
+            None => None,
+            Some(m) => Some(MetricsEndpointConfig {
+                address: m.address.parse().map_err(|_| {
+                    v.err(
+                        "metrics.address",
+                        &format!(
+                            "{:?} is not an IP address and port (e.g. 127.0.0.1:9464)",
+                            m.address
+                        ),
+                    )
+                })?,
+            }),
+        };
 
         Ok(Config {
             source: name.to_string(),
@@ -563,6 +586,7 @@ impl Config {
             build_events,
             build_events_limits,
             limits,
+            metrics,
             ignored,
         })
     }
@@ -1175,6 +1199,21 @@ impl Validator {
                 "monitoring.endpoint-location",
                 &format!("missing: endpoint-type {endpoint_type} needs a location"),
             ));
+        }
+        if let (true, "udp", Some(location)) = (
+            m.enabled.unwrap_or(false),
+            endpoint_type.as_str(),
+            m.endpoint_location.as_deref(),
+        ) {
+            let port_ok = location
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(self.err(
+                    "monitoring.endpoint-location",
+                    &format!("{location:?} is not host:port (e.g. 127.0.0.1:8125)"),
+                ));
+            }
         }
         let mut prefix = m.metric_prefix.clone().unwrap_or_default();
         while prefix.ends_with('.') {

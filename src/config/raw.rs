@@ -37,6 +37,13 @@ pub struct RawConfig {
     pub instances: Vec<RawInstance>,
     pub build_events: Option<RawBuildEvents>,
     pub limits: Option<RawLimits>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawMetrics {
+    pub address: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -30,7 +30,18 @@ pub enum Unauthenticated {
     /// Credentials that cannot be read.
     Malformed(&'static str),
     /// A token that failed verification.
-    Token(String),
+    Token(AuthError),
+}
+
+impl Unauthenticated {
+    /// A stable label for metrics, e.g. `missing` or `expired`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Unauthenticated::Missing => "missing",
+            Unauthenticated::Malformed(_) => "malformed_credentials",
+            Unauthenticated::Token(e) => e.metric_label(),
+        }
+    }
 }
 
 impl std::fmt::Display for Unauthenticated {
@@ -40,14 +51,14 @@ impl std::fmt::Display for Unauthenticated {
                 f.write_str("no credentials: send authorization: Bearer <token>")
             }
             Unauthenticated::Malformed(why) => f.write_str(why),
-            Unauthenticated::Token(why) => f.write_str(why),
+            Unauthenticated::Token(why) => write!(f, "{why}"),
         }
     }
 }
 
 impl From<AuthError> for Unauthenticated {
     fn from(e: AuthError) -> Self {
-        Unauthenticated::Token(e.to_string())
+        Unauthenticated::Token(e)
     }
 }
 

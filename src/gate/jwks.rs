@@ -586,6 +586,22 @@ impl JwksSource {
         self.fetch_all(&mut state).await
     }
 
+    /// Sets this provider's gauges: usable keys, and seconds since the last
+    /// successful fetch of any of its URLs (-1 before the first).
+    pub fn sample_metrics(&self) {
+        let now = Instant::now();
+        let set = self.current();
+        let keys = set.fresh_keys(now).count();
+        let age = set
+            .fetched_at
+            .iter()
+            .flatten()
+            .map(|at| now.saturating_duration_since(*at).as_secs_f64())
+            .reduce(f64::min)
+            .unwrap_or(-1.0);
+        crate::metrics::jwks_gauges(&self.name, keys, age);
+    }
+
     /// Fetches the key set again because a token named a `kid` it does not have, at
     /// most once per [`JwksSettings::min_refetch_interval`]. A caller that waited for
     /// a fetch under way shares its result. Returns whether a fetch completed since
@@ -615,6 +631,7 @@ impl JwksSource {
         let now = Instant::now();
         let mut all_ok = true;
         for ((url, slot), result) in self.urls.iter().zip(state.urls.iter_mut()).zip(results) {
+            crate::metrics::jwks_fetch(&self.name, result.is_ok());
             match result {
                 Ok(keys) => {
                     slot.keys = keys;

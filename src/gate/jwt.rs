@@ -646,6 +646,13 @@ impl JwtAuthenticator {
         self.readiness.tx.subscribe()
     }
 
+    /// Sets the gauges of every JWKS provider (key count, age of the keys).
+    pub fn sample_metrics(&self) {
+        for source in &self.readiness.sources {
+            source.sample_metrics();
+        }
+    }
+
     /// Cache hits and misses so far.
     pub fn cache_stats(&self) -> (u64, u64) {
         (
@@ -678,11 +685,13 @@ impl JwtAuthenticator {
         if let Some(entry) = cache.get(&digest) {
             if self.still_valid(&entry) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::token_cache(true);
                 return Ok(entry);
             }
             cache.invalidate(&digest);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::token_cache(false);
         let (_, entry) = self.verify(token).await?;
         let entry = Arc::new(entry);
         if entry.valid_until > Instant::now() {
@@ -713,6 +722,7 @@ impl JwtAuthenticator {
         if let Some(held) = slot.get() {
             if *held.token == *token && self.still_valid(&held.entry) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::token_cache(true);
                 return Ok(held.identity.clone());
             }
         }

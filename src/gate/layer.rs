@@ -30,6 +30,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::{Request, Response};
 use tonic::body::Body;
@@ -43,6 +44,7 @@ use super::identity::{AuthMethod, Identity};
 use super::route::{self, Openness, Route, StreamCheck};
 use super::scan;
 use super::Gate;
+use super::{observe, request_id};
 use crate::config::AuthMethod as Method;
 use crate::reapi::resource::{self, Access};
 use crate::reapi::upstream::{Upstream, Upstreams};
@@ -97,23 +99,34 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         // The clone that was made ready is the one we call (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         let upstreams = self.upstreams.clone();
+        let started = Instant::now();
+        let request_id = request_id::assign(req.headers_mut());
         Box::pin(async move {
-            match admit(&gate, req).await {
+            let mut outcome = Outcome::default();
+            let admitted = admit(&gate, req, &mut outcome, &request_id).await;
+            crate::metrics::gate_decision(outcome.decision.0, outcome.decision.1);
+            let mut resp = match admitted {
                 Ok(req) => match upstream_for(&upstreams, &req) {
-                    Some(upstream) => match upstream.oneshot(req).await {
-                        Ok(resp) => Ok(resp),
-                        Err(never) => match never {},
-                    },
-                    None => inner.call(req).await,
+                    Some(upstream) => {
+                        outcome.upstream = true;
+                        match upstream.oneshot(req).await {
+                            Ok(resp) => resp,
+                            Err(never) => match never {},
+                        }
+                    }
+                    None => inner.call(req).await?,
                 },
-                Err(refusal) => Ok(refusal),
-            }
+                Err(refusal) => refusal,
+            };
+            resp.headers_mut()
+                .insert(request_id::HEADER, request_id.clone());
+            Ok(observe::observe(resp, outcome, started, request_id))
         })
     }
 }
@@ -145,11 +158,44 @@ fn refuse(status: Status) -> Response<Body> {
     resp
 }
 
+/// What admission found out about a request, for its metrics and log lines.
+pub(crate) struct Outcome {
+    /// The route, once the path was found in the table.
+    pub route: Option<Route>,
+    /// The instance's metric label (bounded: see [`crate::metrics::instance_label`]).
+    pub instance: metrics::SharedString,
+    /// (outcome, reason) of the Gate's decision, as metric labels.
+    pub decision: (&'static str, &'static str),
+    /// Whether the request was forwarded to an upstream.
+    pub upstream: bool,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            route: None,
+            instance: metrics::SharedString::const_str(""),
+            decision: ("unrouted", "no_route"),
+            upstream: false,
+        }
+    }
+}
+
+impl Outcome {
+    fn set_instance(&mut self, instance: Option<&str>, admitted: bool) {
+        if crate::metrics::enabled() {
+            self.instance = crate::metrics::instance_label(instance.unwrap_or(""), admitted);
+        }
+    }
+}
+
 /// What the audit line says about a request.
 struct Audit<'a> {
     route: &'a Route,
     conn: Option<&'a ConnInfo>,
     instance: Option<&'a str>,
+    request_id: &'a http::HeaderValue,
+    headers: &'a http::HeaderMap,
 }
 
 impl Audit<'_> {
@@ -172,8 +218,12 @@ impl Audit<'_> {
             None => ("none", "", "", "", ""),
         };
         let decision = if allowed { "allow" } else { "deny" };
+        let metadata = request_id::RequestMetadata::from_headers(self.headers);
         tracing::info!(
             target: "gridgate::audit",
+            request_id = self.request_id.to_str().unwrap_or(""),
+            tool = metadata.tool.as_str(),
+            invocation = metadata.invocation.as_str(),
             peer = %peer,
             auth = method,
             actor,
@@ -194,16 +244,29 @@ impl Audit<'_> {
 
 /// Admits a request (returning it, ready for the service) or refuses it
 /// (returning the gRPC error response).
-async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Response<Body>> {
+async fn admit(
+    gate: &Gate,
+    mut req: Request<Body>,
+    outcome: &mut Outcome,
+    request_id: &http::HeaderValue,
+) -> Result<Request<Body>, Response<Body>> {
     // 1. Route.
     let Some(route) = gate.routes.get(req.uri().path()).copied() else {
         let path = req.uri().path();
         let shown: String = path.chars().take(200).collect();
-        tracing::info!(target: "gridgate::audit", path = %shown, decision = "deny", "unrouted RPC");
+        tracing::info!(
+            target: "gridgate::audit",
+            request_id = request_id.to_str().unwrap_or(""),
+            path = %shown,
+            decision = "deny",
+            "unrouted RPC"
+        );
         return Err(refuse(Status::unimplemented(format!(
             "gridgate does not route {shown}"
         ))));
     };
+    outcome.route = Some(route);
+    outcome.decision = ("invalid", "malformed_request");
     let conn = req.extensions().get::<ConnInfo>().cloned();
     let certificate = conn.as_ref().and_then(|c| c.certificate.clone());
 
@@ -213,6 +276,7 @@ async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Res
         Openness::Reflection => gate.open_reflection,
     };
     if open {
+        outcome.decision = ("allow", "open_route");
         let identity = Arc::new(Identity::anonymous(certificate));
         req.extensions_mut().insert(Admission {
             identity,
@@ -263,6 +327,8 @@ async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Res
         route: &route,
         conn: conn.as_ref(),
         instance: instance.as_deref(),
+        request_id,
+        headers: req.headers(),
     };
 
     // 3. Identify.
@@ -288,6 +354,8 @@ async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Res
             Some(why),
         ),
         Err(why) => {
+            outcome.decision = ("unauthenticated", why.metric_label());
+            outcome.set_instance(instance.as_deref(), false);
             audit.log(None, false, &why.to_string(), None);
             return Err(refuse(Status::unauthenticated(why.to_string())));
         }
@@ -295,19 +363,26 @@ async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Res
 
     // 4. Decide.
     let (allowed, reason, rule) = if gate.method == Method::None {
+        outcome.decision = ("allow", "authorization_none");
         (true, "authorization none".to_string(), None)
     } else {
         match (&gate.policy, decide_on) {
-            (None, _) => (
-                true,
-                "no ACL configured: authenticated callers are allowed".to_string(),
-                None,
-            ),
-            (Some(_), None) => (
-                true,
-                "query over every instance the caller may query".to_string(),
-                None,
-            ),
+            (None, _) => {
+                outcome.decision = ("allow", "no_acl");
+                (
+                    true,
+                    "no ACL configured: authenticated callers are allowed".to_string(),
+                    None,
+                )
+            }
+            (Some(_), None) => {
+                outcome.decision = ("allow", "query_scope");
+                (
+                    true,
+                    "query over every instance the caller may query".to_string(),
+                    None,
+                )
+            }
             (Some(live), Some(inst)) => {
                 let d = live.current().decide(inst, route.rpc, &identity);
                 if let Some(would) = &d.dry_run_denied {
@@ -319,6 +394,11 @@ async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Res
                         "dry-run policy would deny: {would}"
                     );
                 }
+                outcome.decision = match (d.allowed, identity.method == AuthMethod::Anonymous) {
+                    (true, _) => ("allow", "rule"),
+                    (false, true) => ("deny", "anonymous_no_rule"),
+                    (false, false) => ("deny", "no_rule"),
+                };
                 (d.allowed, d.reason, d.rule)
             }
         }
@@ -328,6 +408,7 @@ async fn admit(gate: &Gate, mut req: Request<Body>) -> Result<Request<Body>, Res
         None => reason,
     };
     audit.log(Some(&identity), allowed, &reason, rule.as_deref());
+    outcome.set_instance(instance.as_deref(), allowed);
     if !allowed {
         let who = if identity.method == AuthMethod::Anonymous {
             "anonymous caller: "

@@ -12,8 +12,10 @@ pub mod identity;
 pub mod jwks;
 pub mod jwt;
 pub mod layer;
+mod observe;
 pub mod policy;
 pub mod reload;
+pub mod request_id;
 pub mod route;
 pub mod scan;
 

@@ -76,7 +76,12 @@ impl LivePolicy {
 
     fn reload_and_log(&self, why: &str) {
         let old = self.current().version().to_string();
-        match self.reload() {
+        let result = self.reload();
+        match &result {
+            Ok(p) => crate::metrics::policy_reload(true, &old, p.version()),
+            Err(_) => crate::metrics::policy_reload(false, &old, &old),
+        }
+        match result {
             Ok(p) if p.version() != old => tracing::info!(
                 path = %self.path.display(),
                 version = p.version(),

@@ -120,6 +120,11 @@ impl ReapiServices {
                     })?)
                 }
             };
+            let store: Arc<dyn BlobStore> = if crate::metrics::enabled() {
+                Arc::new(store::measured::Measured::new(store, &i.name))
+            } else {
+                store
+            };
             by_name.insert(
                 i.name.clone(),
                 Arc::new(Instance {

@@ -83,6 +83,7 @@ enum Io {
 pub struct Conn {
     io: Io,
     info: ConnInfo,
+    _open: crate::metrics::OpenConnection,
 }
 
 impl Connected for Conn {
@@ -264,6 +265,10 @@ impl BoundChannel {
                             tls: false,
                             token: Arc::default(),
                         },
+                        _open: crate::metrics::OpenConnection::new(match &self.socket {
+                            Socket::Tcp(_) => "tcp",
+                            Socket::Unix(..) => "unix",
+                        }),
                     };
                     if out.send(conn).await.is_err() {
                         break;
@@ -283,9 +288,11 @@ impl BoundChannel {
                                 let _ = out.send(conn).await;
                             }
                             Ok(Err(e)) => {
+                                crate::metrics::tls_handshake_failure("error");
                                 tracing::info!(channel = %channel, peer = %peer, error = %e, "TLS handshake failed");
                             }
                             Err(_) => {
+                                crate::metrics::tls_handshake_failure("timeout");
                                 tracing::info!(channel = %channel, peer = %peer, "TLS handshake timed out");
                             }
                         }
@@ -345,6 +352,7 @@ async fn handshake(acceptor: TlsAcceptor, io: Io, peer: Peer, local: bool) -> io
             tls: true,
             token: Arc::default(),
         },
+        _open: crate::metrics::OpenConnection::new("tls"),
     })
 }
 

@@ -51,6 +51,10 @@ pub struct Gateway {
     /// What the health service said at bind time (SERVING unless JWKS key
     /// sets are still to be fetched).
     ready: bool,
+    /// The metrics outputs, when the config asks for any.
+    telemetry: Option<crate::metrics::Telemetry>,
+    /// Sets the metrics that are read rather than counted.
+    sample: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl Gateway {
@@ -65,6 +69,12 @@ impl Gateway {
             channels.push(listener::BoundChannel::bind(c).await?);
         }
 
+        let telemetry = crate::metrics::Telemetry::install(&config)
+            .await
+            .map_err(|e| ServerError::Setup {
+                what: "metrics",
+                reason: e.to_string(),
+            })?;
         let (health, health_service) = tonic_health::server::health_reporter();
         // JWKS key sets are fetched once serving starts: NOT_SERVING until
         // they arrive (the readiness task reports the change).
@@ -82,6 +92,7 @@ impl Gateway {
             what: "REAPI instances",
             reason: e.to_string(),
         })?;
+        let reapi_instances = reapi.instances().clone();
         served.extend(reapi.add_to(&mut routes, config.compression));
         let upstreams = Arc::new(
             crate::reapi::upstream::Upstreams::new(&config).map_err(|e| ServerError::Setup {
@@ -95,7 +106,21 @@ impl Gateway {
                 what: "the build event store (build-events)",
                 reason: e.to_string(),
             })?;
+        let bes_store = bes.store();
         served.extend(bes.add_to(&mut routes, config.compression));
+        // Gauges and counters read from their owners before each push or scrape.
+        let sampled_gate = gate.clone();
+        let sample: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Some(jwt) = sampled_gate.jwt() {
+                jwt.sample_metrics();
+            }
+            crate::metrics::bes_evictions(bes_store.backend(), bes_store.stats().evicted_streams);
+            for name in reapi_instances.names() {
+                if let Ok(instance) = reapi_instances.get(name) {
+                    crate::metrics::cas_evictions(name, instance.store.evictions());
+                }
+            }
+        });
 
         if config.server_reflection {
             served.push("grpc.reflection.v1.ServerReflection");
@@ -131,7 +156,14 @@ impl Gateway {
             routes: routes.routes(),
             health,
             ready,
+            telemetry,
+            sample,
         })
+    }
+
+    /// The Prometheus endpoint's address, when `metrics:` is configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.telemetry.as_ref().and_then(|t| t.prometheus_addr())
     }
 
     /// The addresses the channels listen on, in config order.
@@ -155,6 +187,8 @@ impl Gateway {
             routes,
             health,
             ready,
+            telemetry,
+            sample,
         } = self;
         let limits = &config.limits;
 
@@ -179,6 +213,12 @@ impl Gateway {
 
         let mut background = gate.start(config.authorization.watch_policy).await;
         background.push(spawn_readiness(&gate, health.clone(), ready));
+        if let Some(telemetry) = telemetry {
+            if let Some(policy) = gate.policy() {
+                crate::metrics::policy_version(None, policy.current().version());
+            }
+            background.extend(telemetry.start(sample));
+        }
         if gate.policy().is_none() {
             // Nothing to reload yet; without a handler SIGHUP would end the process.
             background.push(tokio::spawn(async {

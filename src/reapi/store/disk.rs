@@ -364,6 +364,10 @@ impl BlobStore for DiskStore {
     fn used_bytes(&self) -> u64 {
         self.lock().used()
     }
+
+    fn evictions(&self) -> u64 {
+        self.lock().evictions()
+    }
 }
 
 /// An upload into a [`DiskStore`]: a temporary file until committed.

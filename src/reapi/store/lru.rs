@@ -22,6 +22,7 @@ pub struct Lru<V> {
     used: u64,
     reserved: u64,
     max: u64,
+    evictions: u64,
 }
 
 struct Entry<V> {
@@ -48,7 +49,13 @@ impl<V> Lru<V> {
             used: 0,
             reserved: 0,
             max,
+            evictions: 0,
         }
+    }
+
+    /// Blobs evicted since the index was made.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// The budget.
@@ -159,6 +166,7 @@ impl<V> Lru<V> {
         let (_, key) = self.order.pop_first()?;
         let entry = self.entries.remove(&key)?;
         self.used -= key.size;
+        self.evictions += 1;
         Some((key, entry.value))
     }
 }

@@ -95,6 +95,10 @@ impl BlobStore for MemoryStore {
     fn used_bytes(&self) -> u64 {
         self.lock().used()
     }
+
+    fn evictions(&self) -> u64 {
+        self.lock().evictions()
+    }
 }
 
 /// An upload into a [`MemoryStore`].

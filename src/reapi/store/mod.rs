@@ -8,6 +8,7 @@
 
 pub mod disk;
 mod lru;
+pub mod measured;
 pub mod memory;
 
 use std::pin::Pin;
@@ -110,6 +111,11 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Bytes held by stored blobs now.
     fn used_bytes(&self) -> u64;
+
+    /// Blobs evicted to stay within the budget since start.
+    fn evictions(&self) -> u64 {
+        0
+    }
 }
 
 /// An upload in progress: hashes what it is given and stores it on commit

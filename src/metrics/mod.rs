@@ -1,0 +1,514 @@
+//! Metrics: what gridgate measures, and where it goes.
+//!
+//! Code records through the [`metrics`] facade. [`Telemetry::install`] puts a
+//! recorder behind it when the config asks for an output:
+//!
+//! - `metrics: { address: ... }`: a Prometheus text endpoint (`GET /metrics`)
+//!   on its own HTTP listener, rendered by `metrics-exporter-prometheus`;
+//! - `monitoring: { enabled: true, ... }`: BuildGrid's monitoring output, StatsD
+//!   or JSON lines pushed every period ([`statsd`]).
+//!
+//! With neither, no recorder is installed and every measurement is a no-op.
+//! Every metric is listed in [`METRICS`] (name, kind, labels, help); the
+//! README's table is checked against it by a test.
+//!
+//! Label values that a client can choose (instance names) are bounded: an
+//! instance gets its own label once it is declared in the config or a caller
+//! was admitted to it, up to [`MAX_INSTANCE_LABELS`]; everything else is
+//! counted under `instance="(other)"`.
+
+mod fanout;
+pub mod prometheus;
+pub mod statsd;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram, SharedString};
+
+use crate::config::Config;
+
+/// Distinct instance label values before the rest share `(other)`.
+pub const MAX_INSTANCE_LABELS: usize = 256;
+
+/// The label of instances beyond [`MAX_INSTANCE_LABELS`] or never admitted.
+pub const OTHER_INSTANCE: &str = "(other)";
+
+/// What kind of metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric gridgate records.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDoc {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! metric_names {
+    ($( $ident:ident = $name:literal, $kind:ident, $labels:literal, $help:literal; )*) => {
+        $( #[doc = $help] pub const $ident: &str = $name; )*
+        /// Every metric, for the descriptions and the README.
+        pub const METRICS: &[MetricDoc] = &[
+            $( MetricDoc { name: $name, kind: Kind::$kind, labels: $labels, help: $help }, )*
+        ];
+    };
+}
+
+metric_names! {
+    RPC_REQUESTS = "gridgate_rpc_requests_total", Counter, "service, method, instance, code",
+        "RPCs finished, by gRPC status code (refusals by the Gate included).";
+    RPC_DURATION = "gridgate_rpc_duration_seconds", Histogram, "service, method, instance, code",
+        "Time from the request's arrival to the end of its response (streams: to the last message).";
+    GATE_DECISIONS = "gridgate_gate_decisions_total", Counter, "outcome, reason",
+        "Gate decisions: outcome allow, deny, unauthenticated or unrouted, with a short reason.";
+    TOKEN_CACHE = "gridgate_token_cache_total", Counter, "result",
+        "Verified-token cache lookups: hit or miss (a miss verifies the signature).";
+    JWKS_FETCHES = "gridgate_jwks_fetches_total", Counter, "provider, result",
+        "JWKS fetches by provider: success or failure.";
+    JWKS_KEYS = "gridgate_jwks_keys", Gauge, "provider",
+        "Usable keys in the provider's current key set.";
+    JWKS_AGE = "gridgate_jwks_last_success_age_seconds", Gauge, "provider",
+        "Seconds since the provider's last successful JWKS fetch (-1: never).";
+    POLICY_RELOADS = "gridgate_policy_reloads_total", Counter, "result",
+        "Policy reloads (file change or SIGHUP): success or failure (the old policy stays).";
+    POLICY_INFO = "gridgate_policy_info", Gauge, "version",
+        "1 for the version (fingerprint) of the policy in force, 0 for earlier ones.";
+    BES_EVENTS = "gridgate_bes_events_stored_total", Counter, "kind",
+        "Build events stored: kind lifecycle or build_tool.";
+    BES_BYTES = "gridgate_bes_event_bytes_stored_total", Counter, "kind",
+        "Bytes of build events stored.";
+    BES_OPEN_STREAMS = "gridgate_bes_open_streams", Gauge, "",
+        "PublishBuildToolEventStream calls in progress.";
+    BES_STORE_DURATION = "gridgate_bes_store_duration_seconds", Histogram, "store",
+        "Time to store one build event (durably, for the durable stores).";
+    BES_EVICTIONS = "gridgate_bes_evictions_total", Counter, "store",
+        "Build event streams removed to keep the store within its limits.";
+    CAS_BYTES = "gridgate_cas_bytes_stored_total", Counter, "instance",
+        "Bytes of blobs newly stored in a local CAS.";
+    CAS_LOOKUPS = "gridgate_cas_lookups_total", Counter, "instance, result",
+        "CAS blob lookups (reads and FindMissingBlobs): hit or miss.";
+    CAS_EVICTIONS = "gridgate_cas_evictions_total", Counter, "instance",
+        "Blobs evicted from a local CAS to stay within its byte budget.";
+    UPSTREAM_ERRORS = "gridgate_upstream_errors_total", Counter, "instance, code",
+        "Forwarded RPCs that ended in an error: the upstream's status, or UNAVAILABLE when unreachable.";
+    CONNECTIONS = "gridgate_connections_total", Counter, "transport",
+        "Connections accepted: transport tcp, tls or unix.";
+    OPEN_CONNECTIONS = "gridgate_open_connections", Gauge, "",
+        "Connections currently open.";
+    TLS_HANDSHAKE_FAILURES = "gridgate_tls_handshake_failures_total", Counter, "reason",
+        "TLS handshakes that failed: reason timeout or error (bad or missing client certificate included).";
+}
+
+/// Whether a recorder is installed (measurements are skipped otherwise).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether measurements go anywhere.
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// The installed outputs.
+pub struct Telemetry {
+    prometheus: Option<prometheus::Endpoint>,
+    statsd: Option<(statsd::Flusher, statsd::Sink, Duration)>,
+}
+
+/// Why the metrics outputs could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("metrics.address: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Monitoring(String),
+    #[error("a metrics recorder is already installed in this process")]
+    AlreadyInstalled,
+}
+
+impl Telemetry {
+    /// Installs the process-wide recorder the config asks for and binds the
+    /// Prometheus listener. `None` when the config asks for no metrics output.
+    pub async fn install(config: &Config) -> Result<Option<Telemetry>, TelemetryError> {
+        let want_statsd = config.monitoring.enabled;
+        if config.metrics.is_none() && !want_statsd {
+            return Ok(None);
+        }
+        let mut recorders: Vec<Box<dyn metrics::Recorder + Send + Sync>> = Vec::new();
+        let prometheus = match &config.metrics {
+            Some(m) => {
+                let (recorder, endpoint) = prometheus::Endpoint::bind(m.address).await?;
+                recorders.push(Box::new(recorder));
+                Some(endpoint)
+            }
+            None => None,
+        };
+        let statsd = if want_statsd {
+            let recorder = Arc::new(statsd::StatsdRecorder::new());
+            recorders.push(Box::new(recorder.clone()));
+            let sink = statsd::Sink::open(&config.monitoring)
+                .await
+                .map_err(TelemetryError::Monitoring)?;
+            let flusher = statsd::Flusher::new(
+                recorder,
+                statsd::LineFormat::from_config(&config.monitoring),
+            );
+            Some((flusher, sink, config.monitoring.period))
+        } else {
+            None
+        };
+        let recorder = fanout::Fanout::new(recorders);
+        metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
+        describe();
+        seed_instances(config);
+        ENABLED.store(true, Ordering::Relaxed);
+        Ok(Some(Telemetry { prometheus, statsd }))
+    }
+
+    /// The Prometheus endpoint's address, if any.
+    pub fn prometheus_addr(&self) -> Option<std::net::SocketAddr> {
+        self.prometheus.as_ref().map(|p| p.local_addr())
+    }
+
+    /// Starts serving and pushing; `sample` runs before each push and scrape
+    /// (it sets the gauges that are read rather than counted).
+    pub fn start(self, sample: Arc<dyn Fn() + Send + Sync>) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if let Some(endpoint) = self.prometheus {
+            tracing::info!(
+                "metrics: Prometheus endpoint on http://{}/metrics",
+                endpoint.local_addr()
+            );
+            tasks.push(tokio::spawn(endpoint.serve(sample.clone())));
+        }
+        if let Some((flusher, sink, period)) = self.statsd {
+            tasks.push(tokio::spawn(statsd::run(
+                flusher,
+                sink,
+                period,
+                move || sample(),
+            )));
+        }
+        tasks
+    }
+}
+
+/// Gives every metric its help text (shown by the Prometheus endpoint).
+fn describe() {
+    for m in METRICS {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
+/// Instance names that may appear as label values.
+static INSTANCES: OnceLock<RwLock<HashSet<Arc<str>>>> = OnceLock::new();
+
+fn instances() -> &'static RwLock<HashSet<Arc<str>>> {
+    INSTANCES.get_or_init(|| RwLock::new(HashSet::new()))
+}
+
+fn seed_instances(config: &Config) {
+    let mut set = instances().write().unwrap_or_else(PoisonError::into_inner);
+    set.insert(Arc::from(""));
+    set.insert(Arc::from(OTHER_INSTANCE));
+    for i in &config.instances {
+        set.insert(Arc::from(i.name.as_str()));
+    }
+    for i in &config.authorization.allow_unauthenticated_instances {
+        set.insert(Arc::from(i.as_str()));
+    }
+}
+
+/// The label for an instance: its name if known (or, when `admitted`, newly
+/// learnt while there is room), `(other)` otherwise.
+pub fn instance_label(instance: &str, admitted: bool) -> SharedString {
+    let set = instances();
+    {
+        let known = set.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(name) = known.get(instance) {
+            return SharedString::from(name.clone());
+        }
+        if !admitted || known.len() >= MAX_INSTANCE_LABELS {
+            return SharedString::const_str(OTHER_INSTANCE);
+        }
+    }
+    let mut known = set.write().unwrap_or_else(PoisonError::into_inner);
+    if known.len() >= MAX_INSTANCE_LABELS {
+        return SharedString::const_str(OTHER_INSTANCE);
+    }
+    let name: Arc<str> = Arc::from(instance);
+    known.insert(name.clone());
+    SharedString::from(name)
+}
+
+/// The gRPC status code's name, as used in labels (`OK`, `PERMISSION_DENIED`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The handles of one RPC series, looked up once and reused.
+#[derive(Clone)]
+struct RpcHandles {
+    count: Counter,
+    duration: Histogram,
+}
+
+type RpcKey = (&'static str, &'static str, SharedString, tonic::Code);
+
+static RPC_HANDLES: OnceLock<RwLock<HashMap<RpcKey, RpcHandles>>> = OnceLock::new();
+
+/// Records one finished RPC.
+pub fn record_rpc(
+    service: &'static str,
+    method: &'static str,
+    instance: &SharedString,
+    code: tonic::Code,
+    elapsed: Duration,
+) {
+    if !enabled() {
+        return;
+    }
+    let map = RPC_HANDLES.get_or_init(|| RwLock::new(HashMap::new()));
+    let key: RpcKey = (service, method, instance.clone(), code);
+    let cached = map
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&key)
+        .cloned();
+    let handles = match cached {
+        Some(h) => h,
+        None => {
+            let labels = vec![
+                metrics::Label::new("service", service),
+                metrics::Label::new("method", method),
+                metrics::Label::new("instance", instance.clone()),
+                metrics::Label::new("code", code_name(code)),
+            ];
+            let h = RpcHandles {
+                count: metrics::counter!(RPC_REQUESTS, labels.clone()),
+                duration: metrics::histogram!(RPC_DURATION, labels),
+            };
+            map.write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key, h.clone());
+            h
+        }
+    };
+    handles.count.increment(1);
+    handles.duration.record(elapsed.as_secs_f64());
+}
+
+/// Counts a Gate decision.
+#[inline]
+pub fn gate_decision(outcome: &'static str, reason: &'static str) {
+    if enabled() {
+        metrics::counter!(GATE_DECISIONS, "outcome" => outcome, "reason" => reason).increment(1);
+    }
+}
+
+/// Counts a token cache lookup.
+#[inline]
+pub fn token_cache(hit: bool) {
+    if enabled() {
+        let result = if hit { "hit" } else { "miss" };
+        metrics::counter!(TOKEN_CACHE, "result" => result).increment(1);
+    }
+}
+
+/// Counts a JWKS fetch of one URL.
+pub fn jwks_fetch(provider: &str, ok: bool) {
+    if enabled() {
+        let result = if ok { "success" } else { "failure" };
+        metrics::counter!(JWKS_FETCHES, "provider" => provider.to_string(), "result" => result)
+            .increment(1);
+    }
+}
+
+/// Sets a JWKS provider's gauges.
+pub fn jwks_gauges(provider: &str, keys: usize, age_seconds: f64) {
+    if enabled() {
+        metrics::gauge!(JWKS_KEYS, "provider" => provider.to_string()).set(keys as f64);
+        metrics::gauge!(JWKS_AGE, "provider" => provider.to_string()).set(age_seconds);
+    }
+}
+
+/// Counts a policy reload and marks the version in force.
+pub fn policy_reload(ok: bool, old_version: &str, new_version: &str) {
+    if !enabled() {
+        return;
+    }
+    let result = if ok { "success" } else { "failure" };
+    metrics::counter!(POLICY_RELOADS, "result" => result).increment(1);
+    if ok && old_version != new_version {
+        policy_version(Some(old_version), new_version);
+    }
+}
+
+/// Marks `version` as the policy in force (and `old` as replaced).
+pub fn policy_version(old: Option<&str>, version: &str) {
+    if !enabled() {
+        return;
+    }
+    if let Some(old) = old {
+        metrics::gauge!(POLICY_INFO, "version" => old.to_string()).set(0.0);
+    }
+    metrics::gauge!(POLICY_INFO, "version" => version.to_string()).set(1.0);
+}
+
+/// Counts a forwarded RPC that ended in an error.
+pub fn upstream_error(instance: &SharedString, code: tonic::Code) {
+    if enabled() {
+        metrics::counter!(UPSTREAM_ERRORS, "instance" => instance.clone(), "code" => code_name(code))
+            .increment(1);
+    }
+}
+
+/// Counts a connection while it is open (counted when made, released on drop).
+pub struct OpenConnection(bool);
+
+impl OpenConnection {
+    pub fn new(transport: &'static str) -> OpenConnection {
+        if !enabled() {
+            return OpenConnection(false);
+        }
+        metrics::counter!(CONNECTIONS, "transport" => transport).increment(1);
+        metrics::gauge!(OPEN_CONNECTIONS).increment(1.0);
+        OpenConnection(true)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0 {
+            metrics::gauge!(OPEN_CONNECTIONS).decrement(1.0);
+        }
+    }
+}
+
+/// Counts a failed TLS handshake (`error` or `timeout`).
+pub fn tls_handshake_failure(reason: &'static str) {
+    if enabled() {
+        metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+    }
+}
+
+/// Counts build events newly stored by one publish call, and the time it took
+/// per event.
+pub fn bes_stored(
+    store: &'static str,
+    kind: &'static str,
+    events: u64,
+    bytes: u64,
+    elapsed: Duration,
+    attempted: usize,
+) {
+    if !enabled() {
+        return;
+    }
+    if events > 0 {
+        metrics::counter!(BES_EVENTS, "kind" => kind).increment(events);
+        metrics::counter!(BES_BYTES, "kind" => kind).increment(bytes);
+    }
+    if attempted > 0 {
+        let per_event = elapsed.as_secs_f64() / attempted as f64;
+        metrics::histogram!(BES_STORE_DURATION, "store" => store).record(per_event);
+    }
+}
+
+/// Sets the BES store's eviction counter from the store's own count.
+pub fn bes_evictions(store: &'static str, evicted: u64) {
+    if enabled() {
+        metrics::counter!(BES_EVICTIONS, "store" => store).absolute(evicted);
+    }
+}
+
+/// Counts an open PublishBuildToolEventStream call while it runs.
+pub struct OpenBesStream(bool);
+
+impl OpenBesStream {
+    pub fn new() -> OpenBesStream {
+        if !enabled() {
+            return OpenBesStream(false);
+        }
+        metrics::gauge!(BES_OPEN_STREAMS).increment(1.0);
+        OpenBesStream(true)
+    }
+}
+
+impl Default for OpenBesStream {
+    fn default() -> Self {
+        OpenBesStream::new()
+    }
+}
+
+impl Drop for OpenBesStream {
+    fn drop(&mut self) {
+        if self.0 {
+            metrics::gauge!(BES_OPEN_STREAMS).decrement(1.0);
+        }
+    }
+}
+
+/// Counts CAS lookups.
+pub fn cas_lookups(instance: &SharedString, hits: u64, misses: u64) {
+    if !enabled() {
+        return;
+    }
+    if hits > 0 {
+        metrics::counter!(CAS_LOOKUPS, "instance" => instance.clone(), "result" => "hit")
+            .increment(hits);
+    }
+    if misses > 0 {
+        metrics::counter!(CAS_LOOKUPS, "instance" => instance.clone(), "result" => "miss")
+            .increment(misses);
+    }
+}
+
+/// Counts bytes of a committed CAS upload.
+pub fn cas_stored(instance: &SharedString, bytes: u64) {
+    if enabled() {
+        metrics::counter!(CAS_BYTES, "instance" => instance.clone()).increment(bytes);
+    }
+}
+
+/// Sets an instance's CAS eviction counter from the store's own count.
+pub fn cas_evictions(instance: &str, evicted: u64) {
+    if enabled() {
+        metrics::counter!(CAS_EVICTIONS, "instance" => instance_label(instance, true))
+            .absolute(evicted);
+    }
+}
