@@ -5,6 +5,15 @@
 #
 #   bench/gate_h2load.sh [SECONDS]      (default 10 s per run, 3 runs each)
 #
+# CASES picks the servers compared (default "none none+token jwt"):
+#   none        authorization none
+#   none+token  the same open server, sent the authorization header anyway
+#   jwt         HS256 JWT + ACL
+#   jwt+metrics the jwt server with every metrics output on: the Prometheus
+#               endpoint (scraped once a second during the runs) and BuildGrid's
+#               monitoring: section pushing StatsD lines over UDP to a local sink
+#   e.g. CASES="jwt jwt+metrics" bench/gate_h2load.sh 10   (the cost of monitoring)
+#
 # Prints one line per run and a median summary per case. h2load only sees the
 # HTTP status, so a probe with nghttp first checks that the call really returns
 # grpc-status 0 in both modes, and every run's response byte count is compared
@@ -12,6 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
+read -r -a cases <<< "${CASES:-none none+token jwt}"
 command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
 
 cargo build --release --quiet --bin gridgate --example make_load
@@ -33,13 +43,26 @@ common='instances:
 '
 printf 'server:\n  - !channel\n    address: "127.0.0.1:0"\n    insecure-mode: true\nauthorization:\n  method: none\n%s' "$common" > "$work/none.yaml"
 printf 'server:\n  - !channel\n    address: "127.0.0.1:0"\n    insecure-mode: true\nauthorization:\n  method: jwt\n  algorithm: hs256\n  secret: hmac.secret\n  audience: gridgate\n  acl-config: acl.yaml\n%s' "$common" > "$work/jwt.yaml"
+# A UDP sink for the StatsD lines (a real StatsD server reads them the same way).
+python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+open(sys.argv[1], "w").write(str(s.getsockname()[1]))
+n = 0
+while True:
+    n += len(s.recv(65536))
+' "$work/statsd.port" &
+for _ in $(seq 50); do [[ -s "$work/statsd.port" ]] && break; sleep 0.1; done
+{ cat "$work/jwt.yaml"
+  printf 'metrics:\n  address: "127.0.0.1:0"\nmonitoring:\n  enabled: true\n  endpoint-type: udp\n  endpoint-location: "127.0.0.1:%s"\n  metric-prefix: gridgate\n  tag-format: dogstatsd\n  period-seconds: 5\n' "$(cat "$work/statsd.port")"
+} > "$work/jwt+metrics.yaml"
 
 path=build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs
 token="$(cat "$work/token")"
 
 declare -A port pids
 start() { # mode
-  ./target/release/gridgate --log warn,gridgate::server=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
+  ./target/release/gridgate --log warn,gridgate::server=info,gridgate::metrics=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
   pids[$1]=$!
   for _ in $(seq 100); do
     port[$1]="$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/$1.log" | head -1 | sed 's/.*://')" || true
@@ -65,8 +88,11 @@ run_case() { # mode streams rep
     # Warm up (connections, token cache) in a run of its own: h2load counts the
     # bytes of --warm-up-time responses but not the requests.
     h2load -D 2 -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
+    local pid="${pids[${mode%+token}]}" cpu0 cpu1
+    cpu0="$(awk '{print $14 + $15}' "/proc/$pid/stat")"
     h2load -D "$secs" -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" \
       --log-file="$work/lat" "$url" > "$work/out" 2>&1
+    cpu1="$(awk '{print $14 + $15}' "/proc/$pid/stat")"
     local rps done data pct
     rps="$(grep -o '[0-9.]* req/s' "$work/out" | head -1 | awk '{print $1}')"
     done="$(grep -o '[0-9]* succeeded' "$work/out" | awk '{print $1}')"
@@ -78,26 +104,57 @@ run_case() { # mode streams rep
     if (( data < done * rlen || data > (done + streams) * rlen )); then
       verdict="DATA-MISMATCH(data=$data expected=$((done * rlen)))"
     fi
-    echo "$mode streams=$streams run=$rep: $rps req/s $pct requests=$done $verdict" | tee -a "$work/results"
+    # The server's own CPU time per request (user + system): unlike req/s, it
+    # hardly moves when other work on the machine takes cycles.
+    local cpu_us
+    cpu_us="$(awk -v d="$((cpu1 - cpu0))" -v t="$(getconf CLK_TCK)" -v n="$done" 'BEGIN{printf "%.2f", d / t * 1e6 / n}')"
+    echo "$mode streams=$streams run=$rep: $rps req/s $pct requests=$done server-cpu=${cpu_us}us/req $verdict" | tee -a "$work/results"
   }
 }
 
-# Both servers run side by side and the runs alternate, so that background
-# load on the machine affects both modes alike.
-start none
-start jwt
+# The servers run side by side and the runs alternate, so that background
+# load on the machine affects every mode alike.
+for mode in "${cases[@]}"; do
+  server="${mode%+token}"
+  [[ -n "${port[$server]:-}" ]] || start "$server"
+done
+if [[ -n "${port[jwt+metrics]:-}" ]]; then
+  maddr="$(grep -o 'Prometheus endpoint on http://[0-9.:]*' "$work/jwt+metrics.log" | sed 's|.*http://||')"
+  # Scraped once a second, as a Prometheus server would (more often than usual).
+  while sleep 1; do curl -s "http://$maddr/metrics" > "$work/scrape" || true; done &
+fi
 for streams in 16 64; do
   for rep in 1 2 3; do
-    run_case none "$streams" "$rep"
-    run_case none+token "$streams" "$rep"
-    run_case jwt "$streams" "$rep"
+    for mode in "${cases[@]}"; do
+      run_case "$mode" "$streams" "$rep"
+    done
   done
 done
 
 echo "== medians (req/s)"
+median() { grep "^$1 streams=$2 " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p; }
+cpu_median() { grep "^$1 streams=$2 " "$work/results" | grep -o 'server-cpu=[0-9.]*' | sed 's/.*=//' | sort -n | sed -n 2p; }
+base="${cases[0]}"
 for streams in 16 64; do
-  n="$(grep "^none streams=$streams " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p)"
-  h="$(grep "^none+token streams=$streams " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p)"
-  j="$(grep "^jwt streams=$streams " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p)"
-  awk -v s="$streams" -v n="$n" -v h="$h" -v j="$j" 'BEGIN{printf "streams=%s none=%.0f none+token-header=%.0f jwt+acl=%.0f gate cost=%.1f%% (of which the header alone %.1f%%)\n", s, n, h, j, (n-j)/n*100, (n-h)/n*100}'
+  b="$(median "$base" "$streams")"
+  line="streams=$streams $base=$(printf %.0f "$b")"
+  for mode in "${cases[@]:1}"; do
+    m="$(median "$mode" "$streams")"
+    line+="$(awk -v m="$mode" -v b="$b" -v v="$m" 'BEGIN{printf " %s=%.0f (%+.1f%% vs first)", m, v, (v-b)/b*100}')"
+  done
+  echo "$line"
 done
+echo "== medians (server CPU microseconds per request)"
+for streams in 16 64; do
+  b="$(cpu_median "$base" "$streams")"
+  line="streams=$streams $base=$b"
+  for mode in "${cases[@]:1}"; do
+    m="$(cpu_median "$mode" "$streams")"
+    line+="$(awk -v m="$mode" -v b="$b" -v v="$m" 'BEGIN{printf " %s=%s (%+.1f%% vs first)", m, v, (v-b)/b*100}')"
+  done
+  echo "$line"
+done
+if [[ -n "${port[jwt+metrics]:-}" ]]; then
+  echo "== last scrape: $(grep -c '^gridgate_' "$work/scrape") samples; e.g."
+  grep '^gridgate_rpc_requests_total' "$work/scrape" | head -3
+fi

@@ -610,3 +610,56 @@ fn json_logs_and_the_audit_file_carry_request_ids() {
     }
     assert!(bin.seen.iter().any(|l| l.contains("listening on")));
 }
+
+#[test]
+fn monitoring_to_a_file_and_a_unix_socket() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.log");
+    let sock = dir.path().join("statsd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    for (kind, location) in [("file", &file), ("socket", &sock)] {
+        let config = write(
+            dir.path(),
+            &format!("{kind}.yaml"),
+            &loopback_config(
+                "",
+                &format!(
+                    "monitoring:\n  enabled: true\n  endpoint-type: {kind}\n  endpoint-location: \"{}\"\n  metric-prefix: gg\n  period-seconds: 1\n",
+                    location.display()
+                ),
+            ),
+        );
+        let mut bin = Binary::start(&["serve", "--config", &config]);
+        let addr = bin.listening_addr();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            check(addr, None).await.unwrap();
+        });
+        let want = "gg.gridgate_rpc_requests_total:1|c";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        match kind {
+            "file" => loop {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                if text.lines().any(|l| l == want) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no {want} in {text}");
+                std::thread::sleep(Duration::from_millis(100));
+            },
+            _ => {
+                let (stream, _) = listener.accept().unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let found = BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                    .any(|l| l == want);
+                assert!(found, "no {want} on the socket");
+            }
+        }
+        bin.signal("TERM");
+        assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+}

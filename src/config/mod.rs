@@ -389,6 +389,11 @@ pub struct LimitsConfig {
     pub keepalive_timeout: Duration,
     /// Largest gRPC message a service decodes.
     pub max_message_bytes: usize,
+    /// RPCs in progress (arrival to the end of the response) across all
+    /// connections; more are refused at once with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Open connections across all channels; more are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -401,6 +406,8 @@ impl Default for LimitsConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_requests: 10_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -1438,7 +1445,17 @@ impl Validator {
             keepalive_interval: secs(l.keepalive_interval_seconds, d.keepalive_interval),
             keepalive_timeout: secs(l.keepalive_timeout_seconds, d.keepalive_timeout),
             max_message_bytes: l.max_message_bytes.unwrap_or(d.max_message_bytes),
+            max_concurrent_requests: l
+                .max_concurrent_requests
+                .unwrap_or(d.max_concurrent_requests),
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
         };
+        if out.max_concurrent_requests == 0 {
+            return Err(self.err("limits.max-concurrent-requests", "must be at least 1"));
+        }
+        if out.max_connections == 0 {
+            return Err(self.err("limits.max-connections", "must be at least 1"));
+        }
         if out.max_concurrent_streams == 0 {
             return Err(self.err("limits.max-concurrent-streams", "must be at least 1"));
         }

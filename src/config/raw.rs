@@ -193,6 +193,8 @@ pub struct RawLimits {
     pub keepalive_interval_seconds: Option<u64>,
     pub keepalive_timeout_seconds: Option<u64>,
     pub max_message_bytes: Option<usize>,
+    pub max_concurrent_requests: Option<usize>,
+    pub max_connections: Option<usize>,
 }
 
 /// A string or a list of strings (BuildGrid's `audience`, `jwks-url`).

@@ -28,6 +28,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -56,11 +57,65 @@ use crate::server::ConnInfo;
 pub struct GateLayer {
     gate: Arc<Gate>,
     upstreams: Arc<Upstreams>,
+    in_flight: Arc<InFlight>,
 }
 
 impl GateLayer {
+    /// The Gate with no limit on requests in progress.
     pub fn new(gate: Arc<Gate>, upstreams: Arc<Upstreams>) -> GateLayer {
-        GateLayer { gate, upstreams }
+        GateLayer {
+            gate,
+            upstreams,
+            in_flight: Arc::new(InFlight::new(usize::MAX)),
+        }
+    }
+
+    /// Refuses requests beyond `max` in progress at once, with
+    /// RESOURCE_EXHAUSTED and without queueing (`limits.max-concurrent-requests`).
+    pub fn with_max_in_flight(mut self, max: usize) -> GateLayer {
+        self.in_flight = Arc::new(InFlight::new(max));
+        self
+    }
+}
+
+/// Counts requests in progress against a limit.
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl InFlight {
+    fn new(max: usize) -> InFlight {
+        InFlight {
+            count: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A permit, held until the response ends; `None` at the limit.
+    fn try_acquire(self: &Arc<Self>) -> Option<InFlightPermit> {
+        if self.max == usize::MAX {
+            return None;
+        }
+        let before = self.count.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InFlightPermit(self.clone()))
+    }
+
+    fn unlimited(&self) -> bool {
+        self.max == usize::MAX
+    }
+}
+
+/// One request in progress; released on drop.
+pub(crate) struct InFlightPermit(Arc<InFlight>);
+
+impl Drop for InFlightPermit {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -70,6 +125,7 @@ impl<S> Layer<S> for GateLayer {
         GateService {
             gate: self.gate.clone(),
             upstreams: self.upstreams.clone(),
+            in_flight: self.in_flight.clone(),
             inner,
         }
     }
@@ -80,6 +136,7 @@ impl<S> Layer<S> for GateLayer {
 pub struct GateService<S> {
     gate: Arc<Gate>,
     upstreams: Arc<Upstreams>,
+    in_flight: Arc<InFlight>,
     inner: S,
 }
 
@@ -107,6 +164,25 @@ where
         let upstreams = self.upstreams.clone();
         let started = Instant::now();
         let request_id = request_id::assign(req.headers_mut());
+        let permit = self.in_flight.try_acquire();
+        if permit.is_none() && !self.in_flight.unlimited() {
+            // Shed at once: queueing would only grow latency and memory.
+            let max = self.in_flight.max;
+            return Box::pin(async move {
+                let outcome = Outcome {
+                    route: gate.routes.get(req.uri().path()).copied(),
+                    decision: ("shed", "max_concurrent_requests"),
+                    ..Outcome::default()
+                };
+                crate::metrics::gate_decision(outcome.decision.0, outcome.decision.1);
+                let mut resp = refuse(Status::resource_exhausted(format!(
+                    "gridgate is at its limit of {max} requests in progress; retry with backoff"
+                )));
+                resp.headers_mut()
+                    .insert(request_id::HEADER, request_id.clone());
+                Ok(observe::observe(resp, outcome, started, request_id, None))
+            });
+        }
         Box::pin(async move {
             let mut outcome = Outcome::default();
             let admitted = admit(&gate, req, &mut outcome, &request_id).await;
@@ -126,7 +202,7 @@ where
             };
             resp.headers_mut()
                 .insert(request_id::HEADER, request_id.clone());
-            Ok(observe::observe(resp, outcome, started, request_id))
+            Ok(observe::observe(resp, outcome, started, request_id, permit))
         })
     }
 }

@@ -1,7 +1,8 @@
 //! Measures each RPC to its end: the status code is read from the response
 //! (a Trailers-Only header, or the trailers after the last message), the
 //! duration runs from the request's arrival to then. A response dropped
-//! before its end (the client went away) counts as CANCELLED.
+//! before its end (the client went away) counts as CANCELLED. The request's
+//! in-flight permit (`limits.max-concurrent-requests`) is held to the same end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,7 +13,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use super::layer::Outcome;
+use super::layer::{InFlightPermit, Outcome};
 
 /// What is recorded when the RPC ends.
 struct Pending {
@@ -52,32 +53,37 @@ fn status_of(headers: &HeaderMap) -> Option<Code> {
         .map(Code::from_i32)
 }
 
-/// Wraps the response so that its end is measured (when anyone is listening).
+/// Wraps the response so that its end is measured (when anyone is listening)
+/// and the permit released then.
 pub(crate) fn observe(
     resp: Response<Body>,
     outcome: Outcome,
     started: Instant,
     request_id: HeaderValue,
+    permit: Option<InFlightPermit>,
 ) -> Response<Body> {
-    if !crate::metrics::enabled()
-        && !tracing::enabled!(target: "gridgate::request", tracing::Level::DEBUG)
-    {
-        return resp;
-    }
-    let pending = Pending {
+    let measured = crate::metrics::enabled()
+        || tracing::enabled!(target: "gridgate::request", tracing::Level::DEBUG);
+    let pending = measured.then_some(Pending {
         outcome,
         started,
         request_id,
-    };
-    // Trailers-Only: the status is already in the headers.
+    });
+    // Trailers-Only: the status is already in the headers, the RPC is over.
     if let Some(code) = status_of(resp.headers()) {
-        pending.finish(code);
+        if let Some(p) = pending {
+            p.finish(code);
+        }
+        return resp;
+    }
+    if pending.is_none() && permit.is_none() {
         return resp;
     }
     resp.map(|inner| {
         Body::new(Observed {
             inner,
-            pending: Some(pending),
+            pending,
+            _permit: permit,
         })
     })
 }
@@ -85,6 +91,7 @@ pub(crate) fn observe(
 struct Observed {
     inner: Body,
     pending: Option<Pending>,
+    _permit: Option<InFlightPermit>,
 }
 
 impl Observed {
@@ -115,8 +122,11 @@ impl HttpBody for Observed {
                 let code = status.code();
                 self.finish(code);
             }
-            // The body ended without trailers: not a complete gRPC response.
-            Poll::Ready(None) => self.finish(Code::Unknown),
+            // The body ended without trailers: the response was cut short,
+            // which happens when the client goes away mid-call (measured:
+            // only at the end of duration-bounded load runs), so the client
+            // never saw a status.
+            Poll::Ready(None) => self.finish(Code::Cancelled),
             Poll::Pending => {}
         }
         polled

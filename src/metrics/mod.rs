@@ -104,6 +104,8 @@ metric_names! {
         "Connections accepted: transport tcp, tls or unix.";
     OPEN_CONNECTIONS = "gridgate_open_connections", Gauge, "",
         "Connections currently open.";
+    CONNECTIONS_REFUSED = "gridgate_connections_refused_total", Counter, "",
+        "Connections closed at once because limits.max-connections were open.";
     TLS_HANDSHAKE_FAILURES = "gridgate_tls_handshake_failures_total", Counter, "reason",
         "TLS handshakes that failed: reason timeout or error (bad or missing client certificate included).";
 }
@@ -332,11 +334,45 @@ pub fn record_rpc(
     handles.duration.record(elapsed.as_secs_f64());
 }
 
+/// Counter handles looked up once per key: the per-request paths pay a
+/// read-locked map lookup instead of a registry lookup in every recorder.
+struct Handles<K> {
+    map: OnceLock<RwLock<HashMap<K, Counter>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Handles<K> {
+    const fn new() -> Self {
+        Handles {
+            map: OnceLock::new(),
+        }
+    }
+
+    fn get(&self, key: &K, make: impl FnOnce() -> Counter) -> Counter {
+        let map = self.map.get_or_init(|| RwLock::new(HashMap::new()));
+        if let Some(c) = map.read().unwrap_or_else(PoisonError::into_inner).get(key) {
+            return c.clone();
+        }
+        let c = make();
+        map.write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), c.clone());
+        c
+    }
+}
+
+static GATE_HANDLES: Handles<(&'static str, &'static str)> = Handles::new();
+static TOKEN_HANDLES: OnceLock<[Counter; 2]> = OnceLock::new();
+
 /// Counts a Gate decision.
 #[inline]
 pub fn gate_decision(outcome: &'static str, reason: &'static str) {
     if enabled() {
-        metrics::counter!(GATE_DECISIONS, "outcome" => outcome, "reason" => reason).increment(1);
+        GATE_HANDLES
+            .get(
+                &(outcome, reason),
+                || metrics::counter!(GATE_DECISIONS, "outcome" => outcome, "reason" => reason),
+            )
+            .increment(1);
     }
 }
 
@@ -344,8 +380,13 @@ pub fn gate_decision(outcome: &'static str, reason: &'static str) {
 #[inline]
 pub fn token_cache(hit: bool) {
     if enabled() {
-        let result = if hit { "hit" } else { "miss" };
-        metrics::counter!(TOKEN_CACHE, "result" => result).increment(1);
+        let [hits, misses] = TOKEN_HANDLES.get_or_init(|| {
+            [
+                metrics::counter!(TOKEN_CACHE, "result" => "hit"),
+                metrics::counter!(TOKEN_CACHE, "result" => "miss"),
+            ]
+        });
+        if hit { hits } else { misses }.increment(1);
     }
 }
 
@@ -483,25 +524,30 @@ impl Drop for OpenBesStream {
     }
 }
 
-/// Counts CAS lookups.
-pub fn cas_lookups(instance: &SharedString, hits: u64, misses: u64) {
-    if !enabled() {
-        return;
-    }
-    if hits > 0 {
-        metrics::counter!(CAS_LOOKUPS, "instance" => instance.clone(), "result" => "hit")
-            .increment(hits);
-    }
-    if misses > 0 {
-        metrics::counter!(CAS_LOOKUPS, "instance" => instance.clone(), "result" => "miss")
-            .increment(misses);
-    }
+/// The counters of one local CAS.
+#[derive(Clone)]
+pub struct CasCounters {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub bytes_stored: Counter,
 }
 
-/// Counts bytes of a committed CAS upload.
-pub fn cas_stored(instance: &SharedString, bytes: u64) {
-    if enabled() {
-        metrics::counter!(CAS_BYTES, "instance" => instance.clone()).increment(bytes);
+impl CasCounters {
+    /// The counters of `instance` (no-ops when no recorder is installed).
+    pub fn new(instance: &str) -> CasCounters {
+        if !enabled() {
+            return CasCounters {
+                hits: Counter::noop(),
+                misses: Counter::noop(),
+                bytes_stored: Counter::noop(),
+            };
+        }
+        let label = instance_label(instance, true);
+        CasCounters {
+            hits: metrics::counter!(CAS_LOOKUPS, "instance" => label.clone(), "result" => "hit"),
+            misses: metrics::counter!(CAS_LOOKUPS, "instance" => label.clone(), "result" => "miss"),
+            bytes_stored: metrics::counter!(CAS_BYTES, "instance" => label),
+        }
     }
 }
 
@@ -510,5 +556,56 @@ pub fn cas_evictions(instance: &str, evicted: u64) {
     if enabled() {
         metrics::counter!(CAS_EVICTIONS, "instance" => instance_label(instance, true))
             .absolute(evicted);
+    }
+}
+
+/// Counts a connection closed at once by the connection limit.
+pub fn connection_refused() {
+    if enabled() {
+        metrics::counter!(CONNECTIONS_REFUSED).increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_documents_every_metric() {
+        let readme = include_str!("../../README.md");
+        for m in METRICS {
+            let row = format!("| `{}` |", m.name);
+            assert!(readme.contains(&row), "README has no row for {}", m.name);
+        }
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for m in METRICS {
+            assert!(m.name.starts_with("gridgate_"), "{}", m.name);
+            assert!(
+                m.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                m.name
+            );
+            match m.kind {
+                Kind::Counter => assert!(m.name.ends_with("_total"), "{}", m.name),
+                Kind::Histogram => assert!(m.name.ends_with("_seconds"), "{}", m.name),
+                Kind::Gauge => assert!(!m.name.ends_with("_total"), "{}", m.name),
+            }
+        }
+    }
+
+    #[test]
+    fn every_code_has_a_name() {
+        for i in 0..17 {
+            let code = tonic::Code::from_i32(i);
+            assert_eq!(
+                code_name(code).to_ascii_lowercase().replace('_', ""),
+                format!("{code:?}").to_ascii_lowercase()
+            );
+        }
     }
 }

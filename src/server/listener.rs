@@ -10,7 +10,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -84,6 +85,69 @@ pub struct Conn {
     io: Io,
     info: ConnInfo,
     _open: crate::metrics::OpenConnection,
+    _slot: ConnSlot,
+}
+
+/// Counts open connections (across every channel) against `limits.max-connections`.
+pub struct ConnSlots {
+    open: AtomicUsize,
+    max: usize,
+    refused: AtomicU64,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl ConnSlots {
+    pub fn new(max: usize) -> Arc<ConnSlots> {
+        Arc::new(ConnSlots {
+            open: AtomicUsize::new(0),
+            max,
+            refused: AtomicU64::new(0),
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<ConnSlot> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnSlot(self.clone()))
+    }
+
+    /// Counts a refused connection; warns at most every 10 seconds.
+    fn refused(&self, channel: &BoundAddr) {
+        let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::metrics::connection_refused();
+        let mut last = self
+            .last_warning
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+            *last = Some(now);
+            tracing::warn!(
+                channel = %channel,
+                max_connections = self.max,
+                refused_so_far = total,
+                "connection limit reached: closing new connections until some close"
+            );
+        }
+    }
+}
+
+/// One open connection's place under the limit; released on drop.
+pub struct ConnSlot(Arc<ConnSlots>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Connected for Conn {
@@ -227,12 +291,14 @@ impl BoundChannel {
     }
 
     /// Accepts connections until `stop` turns true, sending each finished
-    /// connection to `out`.
+    /// connection to `out`. Connections beyond what `slots` allows are closed
+    /// at once.
     pub async fn accept_loop(
         self,
         out: mpsc::Sender<Conn>,
         mut stop: watch::Receiver<bool>,
         handshake_timeout: Duration,
+        slots: Arc<ConnSlots>,
     ) {
         let addr = self.addr.clone();
         loop {
@@ -249,6 +315,11 @@ impl BoundChannel {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Some(slot) = slots.try_take() else {
+                drop(io);
+                slots.refused(&addr);
+                continue;
             };
             let local = match &peer {
                 Peer::Tcp(a) => is_loopback(a),
@@ -269,6 +340,7 @@ impl BoundChannel {
                             Socket::Tcp(_) => "tcp",
                             Socket::Unix(..) => "unix",
                         }),
+                        _slot: slot,
                     };
                     if out.send(conn).await.is_err() {
                         break;
@@ -281,7 +353,7 @@ impl BoundChannel {
                     tokio::spawn(async move {
                         let handshake = tokio::time::timeout(
                             handshake_timeout,
-                            handshake(acceptor, io, peer.clone(), local),
+                            handshake(acceptor, io, peer.clone(), local, slot),
                         );
                         match handshake.await {
                             Ok(Ok(conn)) => {
@@ -329,7 +401,13 @@ async fn accept(socket: &Socket) -> io::Result<(Io, Peer)> {
     }
 }
 
-async fn handshake(acceptor: TlsAcceptor, io: Io, peer: Peer, local: bool) -> io::Result<Conn> {
+async fn handshake(
+    acceptor: TlsAcceptor,
+    io: Io,
+    peer: Peer,
+    local: bool,
+    slot: ConnSlot,
+) -> io::Result<Conn> {
     let (io, certs) = match io {
         Io::Tcp(s) => {
             let tls = acceptor.accept(s).await?;
@@ -353,6 +431,7 @@ async fn handshake(acceptor: TlsAcceptor, io: Io, peer: Peer, local: bool) -> io
             token: Arc::default(),
         },
         _open: crate::metrics::OpenConnection::new("tls"),
+        _slot: slot,
     })
 }
 

@@ -234,11 +234,13 @@ impl Gateway {
         let (conn_tx, conn_rx) = mpsc::channel(256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut acceptors = Vec::new();
+        let slots = listener::ConnSlots::new(limits.max_connections);
         for c in channels {
             acceptors.push(tokio::spawn(c.accept_loop(
                 conn_tx.clone(),
                 stop_rx.clone(),
                 limits.tls_handshake_timeout,
+                slots.clone(),
             )));
         }
         drop(conn_tx);
@@ -249,7 +251,10 @@ impl Gateway {
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .max_concurrent_streams(Some(limits.max_concurrent_streams))
             .http2_max_header_list_size(Some(limits.max_header_list_size))
-            .layer(GateLayer::new(gate.clone(), upstreams))
+            .layer(
+                GateLayer::new(gate.clone(), upstreams)
+                    .with_max_in_flight(limits.max_concurrent_requests),
+            )
             .add_routes(routes);
 
         let mut drain_rx = stop_rx.clone();

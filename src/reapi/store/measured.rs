@@ -4,20 +4,31 @@
 
 use bytes::Bytes;
 
-use super::{BlobKey, BlobStore, BlobStream, BlobWriter, StoreError};
 use std::sync::Arc;
+
+use super::{BlobKey, BlobStore, BlobStream, BlobWriter, StoreError};
+use crate::metrics::CasCounters;
 
 /// Counts lookups and stored bytes of `inner` under an instance label.
 pub struct Measured {
     inner: Arc<dyn BlobStore>,
-    instance: metrics::SharedString,
+    counters: CasCounters,
 }
 
 impl Measured {
     pub fn new(inner: Arc<dyn BlobStore>, instance: &str) -> Measured {
         Measured {
             inner,
-            instance: crate::metrics::instance_label(instance, true),
+            counters: CasCounters::new(instance),
+        }
+    }
+
+    fn lookups(&self, hits: u64, misses: u64) {
+        if hits > 0 {
+            self.counters.hits.increment(hits);
+        }
+        if misses > 0 {
+            self.counters.misses.increment(misses);
         }
     }
 }
@@ -27,18 +38,14 @@ impl BlobStore for Measured {
     async fn missing(&self, keys: &[BlobKey]) -> Vec<BlobKey> {
         let missing = self.inner.missing(keys).await;
         let misses = missing.len() as u64;
-        crate::metrics::cas_lookups(
-            &self.instance,
-            keys.len() as u64 - misses.min(keys.len() as u64),
-            misses,
-        );
+        self.lookups((keys.len() as u64).saturating_sub(misses), misses);
         missing
     }
 
     async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, StoreError> {
         let got = self.inner.get(key).await?;
         let hit = u64::from(got.is_some());
-        crate::metrics::cas_lookups(&self.instance, hit, 1 - hit);
+        self.lookups(hit, 1 - hit);
         Ok(got)
     }
 
@@ -50,7 +57,7 @@ impl BlobStore for Measured {
     ) -> Result<Option<BlobStream>, StoreError> {
         let got = self.inner.read(key, offset, limit).await?;
         let hit = u64::from(got.is_some());
-        crate::metrics::cas_lookups(&self.instance, hit, 1 - hit);
+        self.lookups(hit, 1 - hit);
         Ok(got)
     }
 
@@ -58,7 +65,7 @@ impl BlobStore for Measured {
         let inner = self.inner.begin(key).await?;
         Ok(Box::new(MeasuredWriter {
             inner,
-            instance: self.instance.clone(),
+            bytes_stored: self.counters.bytes_stored.clone(),
         }))
     }
 
@@ -77,7 +84,7 @@ impl BlobStore for Measured {
 
 struct MeasuredWriter {
     inner: Box<dyn BlobWriter>,
-    instance: metrics::SharedString,
+    bytes_stored: metrics::Counter,
 }
 
 #[tonic::async_trait]
@@ -93,7 +100,7 @@ impl BlobWriter for MeasuredWriter {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let bytes = self.inner.written();
         self.inner.commit().await?;
-        crate::metrics::cas_stored(&self.instance, bytes);
+        self.bytes_stored.increment(bytes);
         Ok(())
     }
 }
