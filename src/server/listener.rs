@@ -217,7 +217,7 @@ enum Socket {
 /// A bound channel, not yet accepting.
 pub struct BoundChannel {
     socket: Socket,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<tls::LiveTls>>,
     /// Where it listens.
     pub addr: BoundAddr,
     /// Whether it requires client certificates.
@@ -242,12 +242,10 @@ impl BoundChannel {
     /// Binds a channel's socket and prepares its TLS acceptor.
     pub async fn bind(channel: &ChannelConfig) -> Result<BoundChannel, ListenError> {
         let tls = match &channel.tls {
-            Some(t) => Some(TlsAcceptor::from(tls::server_config(t).map_err(
-                |source| ListenError::Tls {
-                    address: channel.address.clone(),
-                    source,
-                },
-            )?)),
+            Some(t) => Some(tls::LiveTls::load(t).map_err(|source| ListenError::Tls {
+                address: channel.address.clone(),
+                source,
+            })?),
             None => None,
         };
         let mtls = channel.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
@@ -288,6 +286,11 @@ impl BoundChannel {
     /// Whether connections are TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// The channel's reloadable TLS settings, if it is a TLS channel.
+    pub fn live_tls(&self) -> Option<Arc<tls::LiveTls>> {
+        self.tls.clone()
     }
 
     /// Accepts connections until `stop` turns true, sending each finished
@@ -346,8 +349,8 @@ impl BoundChannel {
                         break;
                     }
                 }
-                Some(acceptor) => {
-                    let acceptor = acceptor.clone();
+                Some(live) => {
+                    let acceptor = TlsAcceptor::from(live.current());
                     let out = out.clone();
                     let channel = addr.clone();
                     tokio::spawn(async move {

@@ -17,6 +17,7 @@ pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -229,6 +230,14 @@ impl Gateway {
                     }
                 }
             }));
+        }
+
+        let live_tls: Vec<(String, Arc<tls::LiveTls>)> = channels
+            .iter()
+            .filter_map(|c| Some((c.addr.to_string(), c.live_tls()?)))
+            .collect();
+        if !live_tls.is_empty() {
+            background.push(tls::spawn_reloader(live_tls, Duration::from_secs(1)));
         }
 
         let (conn_tx, conn_rx) = mpsc::channel(256);

@@ -126,3 +126,130 @@ pub fn peer_certificate(der: &CertificateDer<'_>) -> Option<PeerCertificate> {
     }
     Some(out)
 }
+
+/// A channel's TLS settings that can be replaced while it serves: a reload
+/// (SIGHUP, or a change of the certificate, key or client CA file) builds a
+/// new rustls config from the files; new handshakes use it, connections
+/// already open keep theirs. A config that does not load (a half-written
+/// file, a key that does not match) is logged and the previous one kept.
+pub struct LiveTls {
+    settings: TlsConfig,
+    current: std::sync::RwLock<Arc<ServerConfig>>,
+    stamp: std::sync::Mutex<Vec<Option<(std::time::SystemTime, u64)>>>,
+}
+
+impl LiveTls {
+    /// Loads the files; an error here refuses to start.
+    pub fn load(settings: &TlsConfig) -> Result<Arc<LiveTls>, TlsError> {
+        let config = server_config(settings)?;
+        let live = LiveTls {
+            settings: settings.clone(),
+            current: std::sync::RwLock::new(config),
+            stamp: std::sync::Mutex::new(Vec::new()),
+        };
+        let stamp = live.files_stamp();
+        *live
+            .stamp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stamp;
+        Ok(Arc::new(live))
+    }
+
+    /// The config for the next handshake.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn files(&self) -> Vec<&Path> {
+        let mut files = vec![self.settings.cert.as_path(), self.settings.key.as_path()];
+        files.extend(self.settings.client_ca.as_deref());
+        files
+    }
+
+    fn files_stamp(&self) -> Vec<Option<(std::time::SystemTime, u64)>> {
+        self.files()
+            .iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok()?;
+                Some((m.modified().ok()?, m.len()))
+            })
+            .collect()
+    }
+
+    /// Whether a file changed since the last load attempt.
+    pub fn changed(&self) -> bool {
+        let now = self.files_stamp();
+        let mut last = self
+            .stamp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *last == now {
+            return false;
+        }
+        *last = now;
+        true
+    }
+
+    /// Loads the files again; on success new handshakes use them.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = server_config(&self.settings)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        Ok(())
+    }
+
+    /// The certificate file, for logs.
+    pub fn cert_path(&self) -> &Path {
+        &self.settings.cert
+    }
+}
+
+/// Reloads every channel's TLS files on SIGHUP and, polling every `poll`,
+/// when one of them changes; until the task is aborted.
+pub fn spawn_reloader(
+    channels: Vec<(String, Arc<LiveTls>)>,
+    poll: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let hup_recv = async {
+                match hup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let trigger = tokio::select! {
+                _ = tick.tick() => "file change",
+                _ = hup_recv => "SIGHUP",
+            };
+            for (address, live) in &channels {
+                let changed = live.changed();
+                if trigger == "file change" && !changed {
+                    continue;
+                }
+                match live.reload() {
+                    Ok(()) => tracing::info!(
+                        channel = %address,
+                        cert = %live.cert_path().display(),
+                        trigger,
+                        "TLS certificate reloaded: new handshakes use it"
+                    ),
+                    Err(e) => tracing::error!(
+                        channel = %address,
+                        trigger,
+                        "TLS reload failed; keeping the previous certificate: {e}"
+                    ),
+                }
+            }
+        }
+    })
+}
