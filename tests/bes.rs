@@ -958,3 +958,110 @@ async fn credentials_are_redacted_before_storing() {
     assert!(!String::from_utf8_lossy(&all_bytes).contains("hunter2"));
     server.stop().await;
 }
+
+/// `kill -9` while a stream is being ingested, then a restart on the same
+/// store: every acknowledged event is there, exactly once, and the client's
+/// retry from its first unacknowledged event completes the stream.
+async fn kill_9_during_ingestion(store_yaml: &str, dir: &Path) {
+    use common::Binary;
+    const TOTAL: i64 = 2000;
+    let config = dir.join("gridgate.yaml");
+    std::fs::write(
+        &config,
+        loopback_config("", &format!("build-events:\n{store_yaml}")),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let start = |config: &str| {
+        let mut bin = Binary::start(&["serve", "--config", config]);
+        let addr = bin.listening_addr();
+        (bin, addr)
+    };
+    let (mut bin, addr) = tokio::task::block_in_place(|| start(&config));
+    let ch = plain_channel(addr).await;
+    let build = unique("kill9");
+    let ts = sid(&build, "inv", TOOL);
+    let all = tool_events(&ts, "team-a", 1, TOTAL, TOTAL);
+
+    // Send everything as fast as the connection takes it; kill the server
+    // once some acks came back and more events are in flight.
+    let (tx, rx) = mpsc::channel(64);
+    let sender = {
+        let all = all.clone();
+        tokio::spawn(async move {
+            for m in all {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            // Keep the request stream open: the kill ends the call.
+            std::future::pending::<()>().await;
+        })
+    };
+    let mut responses = PublishBuildEventClient::new(ch.clone())
+        .publish_build_tool_event_stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = Vec::new();
+    while acked.len() < 300 {
+        match responses.message().await {
+            Ok(Some(ack)) => acked.push(ack.sequence_number),
+            other => panic!("stream ended early: {other:?}"),
+        }
+    }
+    bin.child.kill().unwrap(); // SIGKILL
+    let _ = bin.child.wait();
+    // Acks that were already on their way still count as acknowledged.
+    while let Ok(Some(ack)) = responses.message().await {
+        acked.push(ack.sequence_number);
+    }
+    sender.abort();
+    drop(ch);
+    let last_acked = *acked.last().unwrap();
+    assert_eq!(acked, (1..=last_acked).collect::<Vec<_>>(), "acks in order");
+    assert!(last_acked < TOTAL, "the kill came during ingestion");
+
+    let (bin2, addr) = tokio::task::block_in_place(|| start(&config));
+    let ch = plain_channel(addr).await;
+    let stored = tool_seqs(&ch, &build).await;
+    let n = stored.len() as i64;
+    assert!(n >= last_acked, "stored {n} < acknowledged {last_acked}");
+    assert_eq!(
+        stored,
+        (1..=n).collect::<Vec<_>>(),
+        "each event once, no gap"
+    );
+    // The retry, from the first event it saw no ack for.
+    let (acks, end) = publish_stream(&ch, all[last_acked as usize..].to_vec()).await;
+    end.unwrap();
+    assert_eq!(acks, (last_acked + 1..=TOTAL).collect::<Vec<_>>());
+    assert_eq!(
+        tool_seqs(&ch, &build).await,
+        (1..=TOTAL).collect::<Vec<_>>()
+    );
+    drop(bin2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_ingestion_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!(
+        "  store: {{ file: {} }}\n",
+        dir.path().join("events.redb").display()
+    );
+    kill_9_during_ingestion(&store, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_ingestion_postgres_store() {
+    let Some(schema) = pg::fresh_schema("bes_kill9").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    kill_9_during_ingestion(
+        &format!("  store: {{ postgres: \"{}\" }}\n", schema.url),
+        dir.path(),
+    )
+    .await;
+}

@@ -205,3 +205,93 @@ fn tls_certificates_reload_without_dropping_connections() {
     bin.signal("TERM");
     assert_eq!(bin.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[path = "common/jwks_server.rs"]
+mod jwks_server;
+
+/// With `jwks-required-at-start: true` a key server that is down, answers
+/// garbage or an empty key set at start-up stops gridgate from starting; by
+/// default gridgate starts, NOT_SERVING, and refuses tokens until keys arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_faults_at_start_up_follow_the_configured_choice() {
+    use jsonwebtoken::Algorithm;
+    use jwks_server::{claims, Behavior, JwksServer, TestKey};
+    let key = TestKey::rsa(Algorithm::RS256, "k1");
+    let jwks = JwksServer::start(&[&key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |required: bool| {
+        let path = dir.path().join(format!("gridgate-{required}.yaml"));
+        std::fs::write(
+            &path,
+            loopback_config(
+                "",
+                &format!(
+                    "authorization:\n  method: jwt\n  algorithm: rs256\n  jwks-url: \"{}\"\n  audience: gridgate\n  jwks-required-at-start: {required}\n",
+                    jwks.url()
+                ),
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let required = config(true);
+    let faults = [
+        ("HTTP 500", Behavior::Status(500)),
+        ("garbage", Behavior::Garbage),
+        ("an empty key set", Behavior::Empty),
+        ("no answer", Behavior::Hang),
+    ];
+    for (what, fault) in faults {
+        jwks.set_behavior(fault);
+        let mut bin = Binary::start(&["serve", "--config", &required]);
+        let code = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(30)));
+        assert_eq!(code, Some(1), "{what}: {:#?}", bin.seen);
+        assert!(
+            bin.seen
+                .iter()
+                .any(|l| l.contains("jwks-required-at-start")),
+            "{what}: {:#?}",
+            bin.seen
+        );
+    }
+
+    // The default: start anyway, refuse tokens, recover when keys arrive.
+    jwks.set_behavior(Behavior::Status(500));
+    let lenient = config(false);
+    let mut bin = Binary::start(&["serve", "--config", &lenient]);
+    let addr = tokio::task::block_in_place(|| bin.listening_addr());
+    let token = key.sign(&claims("https://ci.example", "gridgate", "ci"));
+    let refused = raw_unary(
+        plain_channel(addr).await,
+        "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities",
+        bytes::Bytes::new(),
+        &[("authorization", format!("Bearer {token}"))],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    jwks.set_behavior(Behavior::Serve);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = raw_unary(
+            plain_channel(addr).await,
+            "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities",
+            bytes::Bytes::new(),
+            &[("authorization", format!("Bearer {token}"))],
+        )
+        .await;
+        match attempt {
+            // Admitted: the Gate let it through to the service (which has
+            // no unnamed instance here and says so).
+            Ok(_) => break,
+            Err(e) if e.code() != Code::Unauthenticated => {
+                assert!(e.message().contains("unknown instance"), "{e:?}");
+                break;
+            }
+            Err(_) => {
+                assert!(std::time::Instant::now() < deadline, "keys never arrived");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -163,6 +163,10 @@ pub struct AuthorizationConfig {
     pub open_reflection: bool,
     /// Watch the ACL files and reload them when they change.
     pub watch_policy: bool,
+    /// Refuse to start when a JWKS provider has no usable key after the first
+    /// fetch (otherwise: start, report NOT_SERVING and refuse tokens until
+    /// keys arrive).
+    pub jwks_required_at_start: bool,
 }
 
 /// How ACL regexes match.
@@ -854,6 +858,7 @@ impl Validator {
                 open_health: true,
                 open_reflection: true,
                 watch_policy: true,
+                jwks_required_at_start: false,
             });
         };
         let k = |s: &str| format!("authorization.{s}");
@@ -955,6 +960,7 @@ impl Validator {
             open_health: a.open_health.unwrap_or(true),
             open_reflection: a.open_reflection.unwrap_or(true),
             watch_policy: a.watch_policy.unwrap_or(true),
+            jwks_required_at_start: a.jwks_required_at_start.unwrap_or(false),
         })
     }
 

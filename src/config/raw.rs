@@ -102,6 +102,7 @@ pub struct RawAuthorization {
     pub open_health: Option<bool>,
     pub open_reflection: Option<bool>,
     pub watch_policy: Option<bool>,
+    pub jwks_required_at_start: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

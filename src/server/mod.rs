@@ -213,6 +213,17 @@ impl Gateway {
         }
 
         let mut background = gate.start(config.authorization.watch_policy).await;
+        if config.authorization.jwks_required_at_start && gate.jwt().is_some_and(|j| !j.ready()) {
+            for t in background {
+                t.abort();
+            }
+            return Err(ServerError::Setup {
+                what: "authorization.jwks-url",
+                reason: "no usable key after the first fetch (see the warnings above) and \
+                         jwks-required-at-start is true"
+                    .into(),
+            });
+        }
         background.push(spawn_readiness(&gate, health.clone(), ready));
         if let Some(telemetry) = telemetry {
             if let Some(policy) = gate.policy() {
