@@ -295,3 +295,184 @@ async fn jwks_faults_at_start_up_follow_the_configured_choice() {
         }
     }
 }
+
+/// Sends one raw HTTP/2 gRPC request (headers and body bytes as given) and
+/// returns the grpc-status, from the headers or the trailers.
+async fn raw_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<(Code, String), String> {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    let mut ch = plain_channel(addr).await;
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let req = req
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    let resp = ch
+        .ready()
+        .await
+        .map_err(|e| e.to_string())?
+        .call(req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let status_of = |h: &http::HeaderMap| {
+        let code = h.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+        let msg = h
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Some((Code::from_i32(code), msg))
+    };
+    if let Some(s) = status_of(&parts.headers) {
+        return Ok(s);
+    }
+    let collected = body.collect().await.map_err(|e| e.to_string())?;
+    collected
+        .trailers()
+        .and_then(status_of)
+        .ok_or_else(|| "no grpc-status".to_string())
+}
+
+fn frame(compressed: bool, declared_len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![u8::from(compressed)];
+    out.extend_from_slice(&declared_len.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+const FMB: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+
+fn cas_config() -> String {
+    loopback_config(
+        "",
+        "authorization:\n  method: none\ninstances:\n  - name: team-a\n    cas: { backend: memory, max-bytes: 1M }\n",
+    )
+}
+
+/// Hostile bodies and headers are answered with a status, quickly, and the
+/// server keeps serving others.
+#[tokio::test]
+async fn hostile_requests_get_a_status_and_the_server_stays_responsive() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&cas_config(), dir.path()).await;
+    let addr = server.tcp();
+    let within = |d| Duration::from_secs(d);
+
+    // A gzip bomb: 64 MiB of zeros (16 times the message limit) in a few
+    // hundred KiB.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        gz.write_all(&zeros).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    let (code, msg) = tokio::time::timeout(
+        within(10),
+        raw_call(
+            addr,
+            FMB,
+            &[("grpc-encoding", "gzip".into())],
+            frame(true, bomb.len() as u32, &bomb),
+        ),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert!(
+        matches!(code, Code::ResourceExhausted | Code::InvalidArgument),
+        "gzip bomb: {code:?} {msg}"
+    );
+
+    // The same as zstd.
+    let zbomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+    let (code, msg) = tokio::time::timeout(
+        within(10),
+        raw_call(
+            addr,
+            FMB,
+            &[("grpc-encoding", "zstd".into())],
+            frame(true, zbomb.len() as u32, &zbomb),
+        ),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert!(
+        matches!(code, Code::ResourceExhausted | Code::InvalidArgument),
+        "zstd bomb: {code:?} {msg}"
+    );
+
+    // A length prefix that promises more than the body holds.
+    let (code, msg) = tokio::time::timeout(
+        within(10),
+        raw_call(addr, FMB, &[], frame(false, 1 << 20, b"\x0a\x06team-a")),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert_ne!(code, Code::Ok, "lying prefix: {msg}");
+
+    // A length prefix beyond the message limit, with no body behind it.
+    let (code, msg) = tokio::time::timeout(
+        within(10),
+        raw_call(addr, FMB, &[], frame(false, u32::MAX, b"")),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert!(
+        matches!(
+            code,
+            Code::ResourceExhausted | Code::InvalidArgument | Code::Internal
+        ),
+        "huge prefix: {code:?} {msg}"
+    );
+
+    // Metadata beyond the header list limit (16 KiB by default): a 64 KiB
+    // token, and 5000 small headers. The client gets an error, not a hang.
+    let big = format!("Bearer {}", "a".repeat(64 * 1024));
+    let r = tokio::time::timeout(
+        within(10),
+        raw_call(addr, FMB, &[("authorization", big)], frame(false, 0, b"")),
+    )
+    .await
+    .expect("answered");
+    assert!(!matches!(r, Ok((Code::Ok, _))), "{r:?}");
+    let many: Vec<(String, String)> = (0..5000)
+        .map(|i| (format!("x-h-{i}"), "v".to_string()))
+        .collect();
+    let refs: Vec<(&str, String)> = many.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let r = tokio::time::timeout(within(10), raw_call(addr, FMB, &refs, frame(false, 0, b"")))
+        .await
+        .expect("answered");
+    assert!(!matches!(r, Ok((Code::Ok, _))), "{r:?}");
+
+    // A request whose client gives up at once does no harm.
+    for _ in 0..20 {
+        let call = raw_call(addr, FMB, &[], frame(false, 8, b"\x0a\x06team-a"));
+        let _ = tokio::time::timeout(Duration::from_micros(50), call).await;
+    }
+
+    // Everyone else is still served.
+    let ok = raw_call(addr, FMB, &[], frame(false, 8, b"\x0a\x06team-a"))
+        .await
+        .unwrap();
+    assert_eq!(ok.0, Code::Ok, "{ok:?}");
+    health_check(plain_channel(addr).await).await.unwrap();
+    server.stop().await;
+}
