@@ -85,7 +85,10 @@ fn setup(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("jwks.json"), jwks.to_string())?;
     std::fs::write(dir.join("token"), sign(&key)?)?;
     // Same kid and claims, another key: what an attacker without the key sends.
-    std::fs::write(dir.join("forged-token"), sign(&rcgen::KeyPair::generate()?)?)?;
+    std::fs::write(
+        dir.join("forged-token"),
+        sign(&rcgen::KeyPair::generate()?)?,
+    )?;
     Ok(())
 }
 
@@ -127,7 +130,13 @@ where
     }
 }
 
-async fn bes_client(ch: Channel, token: Arc<String>, counts: Arc<Counts>, until: Instant, id: usize) {
+async fn bes_client(
+    ch: Channel,
+    token: Arc<String>,
+    counts: Arc<Counts>,
+    until: Instant,
+    id: usize,
+) {
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
@@ -165,8 +174,7 @@ async fn bes_client(ch: Channel, token: Arc<String>, counts: Arc<Counts>, until:
             let events = events.clone();
             let token = token.clone();
             async move {
-                let mut client =
-                    bes::publish_build_event_client::PublishBuildEventClient::new(ch);
+                let mut client = bes::publish_build_event_client::PublishBuildEventClient::new(ch);
                 let mut acks = client
                     .publish_build_tool_event_stream(authed(tokio_stream::iter(events), &token))
                     .await?
@@ -182,7 +190,10 @@ async fn bes_client(ch: Channel, token: Arc<String>, counts: Arc<Counts>, until:
                     expected += 1;
                 }
                 if expected != 51 {
-                    return Err(tonic::Status::data_loss(format!("{} acks of 50", expected - 1)));
+                    return Err(tonic::Status::data_loss(format!(
+                        "{} acks of 50",
+                        expected - 1
+                    )));
                 }
                 Ok(())
             }
@@ -191,7 +202,13 @@ async fn bes_client(ch: Channel, token: Arc<String>, counts: Arc<Counts>, until:
     }
 }
 
-async fn cas_client(ch: Channel, token: Arc<String>, counts: Arc<Counts>, until: Instant, id: usize) {
+async fn cas_client(
+    ch: Channel,
+    token: Arc<String>,
+    counts: Arc<Counts>,
+    until: Instant,
+    id: usize,
+) {
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
@@ -204,7 +221,9 @@ async fn cas_client(ch: Channel, token: Arc<String>, counts: Arc<Counts>, until:
             let token = token.clone();
             async move {
                 let mut cas =
-                    re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch);
+                    re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+                        ch,
+                    );
                 cas.batch_update_blobs(authed(
                     re::BatchUpdateBlobsRequest {
                         instance_name: "soak".into(),
@@ -355,9 +374,8 @@ async fn main() -> std::process::ExitCode {
             seconds,
             clients,
         } => {
-            let read = |p: &std::path::Path| {
-                std::fs::read_to_string(p).map(|s| s.trim().to_string())
-            };
+            let read =
+                |p: &std::path::Path| std::fs::read_to_string(p).map(|s| s.trim().to_string());
             match (read(&token_file), read(&forged_token_file)) {
                 (Ok(t), Ok(f)) => run(&addr, &ca, t, f, seconds, clients).await,
                 (Err(e), _) | (_, Err(e)) => Err(e.into()),

@@ -476,3 +476,28 @@ async fn hostile_requests_get_a_status_and_the_server_stays_responsive() {
     health_check(plain_channel(addr).await).await.unwrap();
     server.stop().await;
 }
+
+/// A client that connects and never speaks is closed after the handshake
+/// timeout (plaintext and TLS alike), so idle sockets cannot pile up; others
+/// are served meanwhile.
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start(&config("  tls-handshake-timeout-seconds: 1\n"), dir.path()).await;
+    let addr = server.tcp();
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    health_check(plain_channel(addr).await).await.unwrap();
+    for mut s in silent {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed by the server within the timeout");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    server.stop().await;
+}

@@ -80,6 +80,17 @@ enum Io {
     TlsUnix(Box<TlsStream<UnixStream>>),
 }
 
+impl Io {
+    /// Waits until a TCP peer sent its first bytes (or closed). Unix-socket
+    /// peers are local and not waited for.
+    async fn first_bytes(&self) -> io::Result<()> {
+        match self {
+            Io::Tcp(s) => s.peek(&mut [0u8; 1]).await.map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One accepted (and, on TLS channels, handshaken) connection.
 pub struct Conn {
     io: Io,
@@ -330,24 +341,37 @@ impl BoundChannel {
             };
             match &self.tls {
                 None => {
-                    let conn = Conn {
-                        io,
-                        info: ConnInfo {
-                            peer,
-                            local,
-                            certificate: None,
-                            tls: false,
-                            token: Arc::default(),
-                        },
-                        _open: crate::metrics::OpenConnection::new(match &self.socket {
-                            Socket::Tcp(_) => "tcp",
-                            Socket::Unix(..) => "unix",
-                        }),
-                        _slot: slot,
+                    let transport = match &self.socket {
+                        Socket::Tcp(_) => "tcp",
+                        Socket::Unix(..) => "unix",
                     };
-                    if out.send(conn).await.is_err() {
-                        break;
-                    }
+                    let out = out.clone();
+                    let channel = addr.clone();
+                    tokio::spawn(async move {
+                        // A client that connects and sends nothing would hold
+                        // its connection (and a place under max-connections)
+                        // forever: it gets the handshake timeout to start.
+                        if tokio::time::timeout(handshake_timeout, io.first_bytes())
+                            .await
+                            .is_err()
+                        {
+                            tracing::info!(channel = %channel, peer = %peer, "no request before the handshake timeout; closed");
+                            return;
+                        }
+                        let conn = Conn {
+                            io,
+                            info: ConnInfo {
+                                peer,
+                                local,
+                                certificate: None,
+                                tls: false,
+                                token: Arc::default(),
+                            },
+                            _open: crate::metrics::OpenConnection::new(transport),
+                            _slot: slot,
+                        };
+                        let _ = out.send(conn).await;
+                    });
                 }
                 Some(live) => {
                     let acceptor = TlsAcceptor::from(live.current());
