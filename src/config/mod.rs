@@ -676,6 +676,13 @@ impl Config {
     }
 }
 
+/// The longest duration a `*-minutes` key may give: 100 years.
+const MAX_MINUTES: u64 = 100 * 365 * 24 * 60;
+
+/// The largest `leeway-seconds`: one day. The token checks compute `now - leeway`,
+/// which a leeway beyond the current time would overflow.
+const MAX_LEEWAY_SECONDS: u64 = 86_400;
+
 /// Checks raw sections and resolves paths; carries the file name for errors.
 struct Validator {
     file: String,
@@ -689,6 +696,18 @@ impl Validator {
             key: key.to_string(),
             reason: reason.to_string(),
         }
+    }
+
+    /// A duration given in minutes. More than [`MAX_MINUTES`] is refused: it would
+    /// overflow (`minutes * 60`, and the clock arithmetic done with it).
+    fn minutes(&self, key: &str, minutes: u64) -> Result<Duration, ConfigError> {
+        if minutes > MAX_MINUTES {
+            return Err(self.err(
+                key,
+                &format!("{minutes} is more than {MAX_MINUTES} minutes (100 years)"),
+            ));
+        }
+        Ok(Duration::from_secs(minutes * 60))
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -1004,12 +1023,20 @@ impl Validator {
                 }
             }
         };
+        let leeway = a.leeway_seconds.unwrap_or(60);
+        if leeway > MAX_LEEWAY_SECONDS {
+            return Err(self.err(
+                &k("leeway-seconds"),
+                &format!("{leeway} is more than {MAX_LEEWAY_SECONDS} seconds (one day)"),
+            ));
+        }
         Ok(JwtConfig {
             providers,
-            leeway: Duration::from_secs(a.leeway_seconds.unwrap_or(60)),
+            leeway: Duration::from_secs(leeway),
             max_token_lifetime: a
                 .max_token_lifetime_minutes
-                .map(|m| Duration::from_secs(m * 60)),
+                .map(|m| self.minutes(&k("max-token-lifetime-minutes"), m))
+                .transpose()?,
             token_cache_size: a.token_cache_size.unwrap_or(100_000),
             claims,
         })
@@ -1107,10 +1134,11 @@ impl Validator {
                 }
                 JwtKeyConfig::Jwks {
                     urls,
-                    refresh: Duration::from_secs(minutes * 60),
+                    refresh: self.minutes(&k("jwks-fetch-minutes"), minutes)?,
                     max_staleness: p
                         .jwks_max_staleness_minutes
-                        .map(|m| Duration::from_secs(m * 60)),
+                        .map(|m| self.minutes(&k("jwks-max-staleness-minutes"), m))
+                        .transpose()?,
                     min_refetch_interval: Duration::from_secs(
                         p.jwks_refetch_min_seconds.unwrap_or(10),
                     ),
