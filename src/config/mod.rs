@@ -722,9 +722,12 @@ impl Validator {
     /// Resolves a path that must name a readable file.
     fn readable_file(&self, key: &str, p: &str) -> Result<PathBuf, ConfigError> {
         let path = self.path(p);
+        // Checked before opening: opening a FIFO would block.
+        if path.exists() && !path.is_file() {
+            return Err(self.err(key, &format!("{} is not a file", path.display())));
+        }
         match std::fs::File::open(&path) {
-            Ok(_) if path.is_file() => Ok(path),
-            Ok(_) => Err(self.err(key, &format!("{} is not a file", path.display()))),
+            Ok(_) => Ok(path),
             Err(e) => Err(self.err(key, &format!("cannot read {}: {e}", path.display()))),
         }
     }
