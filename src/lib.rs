@@ -28,6 +28,8 @@ pub mod bes;
 pub mod cli;
 pub mod config;
 pub mod devcerts;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod metrics;
 pub mod proto;

@@ -711,6 +711,13 @@ impl Config {
     }
 }
 
+/// The longest duration a `*-minutes` key may give: 100 years.
+const MAX_MINUTES: u64 = 100 * 365 * 24 * 60;
+
+/// The largest `leeway-seconds`: one day. The token checks compute `now - leeway`,
+/// which a leeway beyond the current time would overflow.
+const MAX_LEEWAY_SECONDS: u64 = 86_400;
+
 /// Checks raw sections and resolves paths; carries the file name for errors.
 struct Validator {
     file: String,
@@ -726,6 +733,18 @@ impl Validator {
         }
     }
 
+    /// A duration given in minutes. More than [`MAX_MINUTES`] is refused: it would
+    /// overflow (`minutes * 60`, and the clock arithmetic done with it).
+    fn minutes(&self, key: &str, minutes: u64) -> Result<Duration, ConfigError> {
+        if minutes > MAX_MINUTES {
+            return Err(self.err(
+                key,
+                &format!("{minutes} is more than {MAX_MINUTES} minutes (100 years)"),
+            ));
+        }
+        Ok(Duration::from_secs(minutes * 60))
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
@@ -738,9 +757,12 @@ impl Validator {
     /// Resolves a path that must name a readable file.
     fn readable_file(&self, key: &str, p: &str) -> Result<PathBuf, ConfigError> {
         let path = self.path(p);
+        // Checked before opening: opening a FIFO would block.
+        if path.exists() && !path.is_file() {
+            return Err(self.err(key, &format!("{} is not a file", path.display())));
+        }
         match std::fs::File::open(&path) {
-            Ok(_) if path.is_file() => Ok(path),
-            Ok(_) => Err(self.err(key, &format!("{} is not a file", path.display()))),
+            Ok(_) => Ok(path),
             Err(e) => Err(self.err(key, &format!("cannot read {}: {e}", path.display()))),
         }
     }
@@ -1041,12 +1063,20 @@ impl Validator {
                 }
             }
         };
+        let leeway = a.leeway_seconds.unwrap_or(60);
+        if leeway > MAX_LEEWAY_SECONDS {
+            return Err(self.err(
+                &k("leeway-seconds"),
+                &format!("{leeway} is more than {MAX_LEEWAY_SECONDS} seconds (one day)"),
+            ));
+        }
         Ok(JwtConfig {
             providers,
-            leeway: Duration::from_secs(a.leeway_seconds.unwrap_or(60)),
+            leeway: Duration::from_secs(leeway),
             max_token_lifetime: a
                 .max_token_lifetime_minutes
-                .map(|m| Duration::from_secs(m * 60)),
+                .map(|m| self.minutes(&k("max-token-lifetime-minutes"), m))
+                .transpose()?,
             token_cache_size: a.token_cache_size.unwrap_or(100_000),
             claims,
         })
@@ -1144,10 +1174,11 @@ impl Validator {
                 }
                 JwtKeyConfig::Jwks {
                     urls,
-                    refresh: Duration::from_secs(minutes * 60),
+                    refresh: self.minutes(&k("jwks-fetch-minutes"), minutes)?,
                     max_staleness: p
                         .jwks_max_staleness_minutes
-                        .map(|m| Duration::from_secs(m * 60)),
+                        .map(|m| self.minutes(&k("jwks-max-staleness-minutes"), m))
+                        .transpose()?,
                     min_refetch_interval: Duration::from_secs(
                         p.jwks_refetch_min_seconds.unwrap_or(10),
                     ),

@@ -143,6 +143,48 @@ fn jwt_needs_algorithm_and_a_key() {
 }
 
 #[test]
+fn durations_that_would_overflow_are_refused() {
+    // Found by fuzzing: `minutes * 60` and the token checks' `now - leeway` overflowed.
+    let d = tempdir();
+    std::fs::write(d.path().join("s"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: jwt\n";
+    let hmac = format!("{base}  algorithm: hs256\n  secret: s\n");
+    let jwks = format!("{base}  algorithm: rs256\n  jwks-url: https://keys.example/jwks\n");
+    for (text, key) in [
+        (
+            format!("{hmac}  leeway-seconds: 99999999999\n"),
+            "authorization.leeway-seconds",
+        ),
+        (
+            format!("{hmac}  max-token-lifetime-minutes: 307445734561825861\n"),
+            "authorization.max-token-lifetime-minutes",
+        ),
+        (
+            format!("{jwks}  jwks-fetch-minutes: 307445734561825861\n"),
+            "authorization.jwks-fetch-minutes",
+        ),
+        (
+            format!("{jwks}  jwks-max-staleness-minutes: 52560001\n"),
+            "authorization.jwks-max-staleness-minutes",
+        ),
+    ] {
+        let e = parse_in(d.path(), &text).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+    let c = parse_in(
+        d.path(),
+        &format!("{hmac}  leeway-seconds: 86400\n  max-token-lifetime-minutes: 52560000\n"),
+    )
+    .unwrap();
+    let jwt = c.authorization.jwt.unwrap();
+    assert_eq!(jwt.leeway, Duration::from_secs(86_400));
+    assert_eq!(
+        jwt.max_token_lifetime,
+        Some(Duration::from_secs(52_560_000 * 60))
+    );
+}
+
+#[test]
 fn older_spelling_of_unauthenticated_instances() {
     let d = tempdir();
     std::fs::write(d.path().join("s"), "0123456789abcdef0123456789abcdef").unwrap();

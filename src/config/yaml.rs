@@ -35,7 +35,7 @@ pub fn resolve_tags(value: Value, path: &str, base: &Path) -> Result<Value, (Str
                 "read-file" => {
                     let text = scalar_text(&inner, path, &tag)?;
                     let file = base.join(expand_vars(&expand_home(&text)));
-                    std::fs::read_to_string(&file)
+                    read_small_file(&file)
                         .map(|s| Value::String(s.trim().to_string()))
                         .map_err(|e| {
                             (
@@ -77,6 +77,30 @@ pub fn resolve_tags(value: Value, path: &str, base: &Path) -> Result<Value, (Str
             .map(Value::Sequence),
         other => Ok(other),
     }
+}
+
+/// The most `!read-file` reads: it is meant for a secret or a short text.
+const MAX_READ_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a regular file of at most [`MAX_READ_FILE_BYTES`] as UTF-8 text. Anything
+/// else is refused before it is opened: `/dev/zero` would be read until memory runs
+/// out, a FIFO would block.
+fn read_small_file(file: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    if !std::fs::metadata(file)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)?
+        .take(MAX_READ_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_READ_FILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {MAX_READ_FILE_BYTES} bytes"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| Error::new(ErrorKind::InvalidData, e))
 }
 
 fn scalar_text(value: &Value, path: &str, tag: &str) -> Result<String, (String, String)> {
@@ -154,5 +178,25 @@ mod tests {
         let err = resolve_tags(doc, "", Path::new(".")).unwrap_err();
         assert_eq!(err.0, "a.b");
         assert!(err.1.contains("!lru-storage"), "{}", err.1);
+    }
+
+    #[test]
+    fn read_file_takes_only_small_regular_files() {
+        // Found by fuzzing: `!read-file /dev/zero` read until memory ran out.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), " s3cret \n").unwrap();
+        std::fs::write(dir.path().join("big"), vec![b'x'; (1 << 20) + 1]).unwrap();
+        let read = |name: &str| {
+            let doc = Value::Tagged(Box::new(serde_yaml_ng::value::TaggedValue {
+                tag: serde_yaml_ng::value::Tag::new("read-file"),
+                value: Value::String(name.into()),
+            }));
+            resolve_tags(doc, "k", dir.path())
+        };
+        assert_eq!(read("secret").unwrap(), Value::String("s3cret".into()));
+        for bad in ["/dev/zero", "/dev/null", "big", "."] {
+            let err = read(bad).unwrap_err();
+            assert_eq!(err.0, "k", "{bad}");
+        }
     }
 }

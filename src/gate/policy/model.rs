@@ -72,8 +72,15 @@ pub(super) fn read_sources(path: &Path) -> Result<Vec<Source>, PolicyError> {
         }
         files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
         files
-    } else {
+    } else if meta.is_file() {
         vec![path.to_path_buf()]
+    } else {
+        // A device or a FIFO: reading `/dev/zero` would never end.
+        let source = std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file or a directory",
+        );
+        return Err(io(path)(source));
     };
     files
         .into_iter()

@@ -1025,6 +1025,15 @@ fn a_single_file_loads_like_from_yaml() {
 }
 
 #[test]
+fn a_device_is_not_a_policy_file() {
+    // Found by fuzzing the config: `acl-config: /dev/zero` was read until memory ran out.
+    for path in ["/dev/zero", "/dev/null"] {
+        let e = Policy::load(Path::new(path), &whole()).expect_err(path);
+        assert!(matches!(e, PolicyError::Io { .. }), "{e}");
+    }
+}
+
+#[test]
 fn an_empty_directory_is_an_error() {
     let dir = TempDir::new();
     let e = Policy::load(&dir.0, &whole()).expect_err("empty dir");

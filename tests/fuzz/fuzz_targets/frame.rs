@@ -1,0 +1,7 @@
+//! Fuzz target `frame`: the check is `gridgate::fuzzing::frame`, which
+//! `tests/fuzz_corpus.rs` also replays on the kept corpus.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| gridgate::fuzzing::frame(data));
