@@ -501,3 +501,46 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
     }
     server.stop().await;
 }
+
+/// `limits.max-concurrent-streams` bounds the streams of one connection
+/// (HTTP/2 SETTINGS): a client's extra stream waits for a free one, and other
+/// connections are not held up.
+#[tokio::test]
+async fn streams_beyond_the_per_connection_limit_wait_for_a_free_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&config("  max-concurrent-streams: 2\n"), dir.path()).await;
+    let addr = server.tcp();
+    let ch = plain_channel(addr).await;
+    let open = |ch: tonic::transport::Channel| async move {
+        let mut client = HealthClient::new(ch);
+        let mut watch = client
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        watch.next().await.unwrap().unwrap();
+        watch
+    };
+    let first = open(ch.clone()).await;
+    let _second = open(ch.clone()).await;
+    // The third stream on this connection has to wait...
+    let third = tokio::spawn(health_check(ch.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third stream ran beside two");
+    // ...while another connection is served at once.
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        health_check(plain_channel(addr).await),
+    )
+    .await
+    .expect("other connections are not held up")
+    .unwrap();
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("runs once a stream is free")
+        .unwrap()
+        .unwrap();
+    drop(_second);
+    server.stop().await;
+}
