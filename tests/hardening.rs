@@ -544,3 +544,58 @@ async fn streams_beyond_the_per_connection_limit_wait_for_a_free_one() {
     drop(_second);
     server.stop().await;
 }
+
+/// A client that opens a call and trickles its first message (here: a few
+/// bytes, then nothing) is answered DEADLINE_EXCEEDED after
+/// `limits.first-message-timeout-seconds`, and frees its place.
+#[tokio::test]
+async fn a_trickled_first_message_times_out() {
+    use http_body_util::StreamBody;
+    use tower::{Service, ServiceExt};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = cas_config().replace(
+        "authorization:",
+        "limits:\n  first-message-timeout-seconds: 1\n  max-concurrent-requests: 1\nauthorization:",
+    );
+    let server = TestServer::start(&yaml, dir.path()).await;
+    let addr = server.tcp();
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(4);
+    // The frame header promises 8 bytes; 3 come, then the client goes quiet.
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"\x00\x00\x00\x00\x08\x0a\x06t",
+    ))))
+    .await
+    .unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{FMB}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+        .unwrap();
+    let mut ch = plain_channel(addr).await;
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), ch.ready().await.unwrap().call(req))
+        .await
+        .expect("answered")
+        .unwrap();
+    let code = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32);
+    assert_eq!(code, Some(Code::DeadlineExceeded), "{resp:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(tx);
+    // Its place (max-concurrent-requests: 1) is free again.
+    let ok = raw_call(addr, FMB, &[], frame(false, 8, b"\x0a\x06team-a"))
+        .await
+        .unwrap();
+    assert_eq!(ok.0, Code::Ok, "{ok:?}");
+    server.stop().await;
+}

@@ -398,6 +398,10 @@ pub struct LimitsConfig {
     pub max_concurrent_requests: usize,
     /// Open connections across all channels; more are closed at once.
     pub max_connections: usize,
+    /// The first request message (which names the instance) must be whole
+    /// within this, else DEADLINE_EXCEEDED: a client trickling bytes cannot
+    /// hold a request open before the Gate decided on it.
+    pub first_message_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -412,6 +416,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_requests: 10_000,
             max_connections: 10_000,
+            first_message_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -1486,7 +1491,11 @@ impl Validator {
                 .max_concurrent_requests
                 .unwrap_or(d.max_concurrent_requests),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
+            first_message_timeout: secs(l.first_message_timeout_seconds, d.first_message_timeout),
         };
+        if out.first_message_timeout.is_zero() {
+            return Err(self.err("limits.first-message-timeout-seconds", "must be at least 1"));
+        }
         if out.max_concurrent_requests == 0 {
             return Err(self.err("limits.max-concurrent-requests", "must be at least 1"));
         }

@@ -196,6 +196,7 @@ pub struct RawLimits {
     pub max_message_bytes: Option<usize>,
     pub max_concurrent_requests: Option<usize>,
     pub max_connections: Option<usize>,
+    pub first_message_timeout_seconds: Option<u64>,
 }
 
 /// A string or a list of strings (BuildGrid's `audience`, `jwks-url`).

@@ -369,9 +369,18 @@ async fn admit(
         None
     } else {
         let (parts, body) = req.into_parts();
-        let peeked = frame::peek_first(body, encoding, gate.limits)
-            .await
-            .map_err(refuse)?;
+        let peeked = tokio::time::timeout(
+            gate.first_message_timeout,
+            frame::peek_first(body, encoding, gate.limits),
+        )
+        .await
+        .map_err(|_| {
+            refuse(Status::deadline_exceeded(format!(
+                "the first request message was not complete within {}s",
+                gate.first_message_timeout.as_secs()
+            )))
+        })?
+        .map_err(refuse)?;
         let instance = match &peeked.message {
             Some(msg) => route::locate(&route, msg)
                 .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?,

@@ -49,6 +49,7 @@ pub struct Gate {
     pub(crate) open_health: bool,
     pub(crate) open_reflection: bool,
     pub(crate) limits: frame::Limits,
+    pub(crate) first_message_timeout: std::time::Duration,
     authorizer: Arc<dyn Authorizer>,
 }
 
@@ -163,6 +164,7 @@ impl Gate {
                 max_message: max,
                 max_decompressed: max,
             },
+            first_message_timeout: config.limits.first_message_timeout,
             authorizer,
         })
     }
