@@ -103,33 +103,75 @@ impl LivePolicy {
     pub fn spawn_watcher(self: &Arc<Self>, poll: Option<Duration>) -> tokio::task::JoinHandle<()> {
         let live = self.clone();
         tokio::spawn(async move {
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut triggers = Triggers::new(poll);
             let mut last = stamp(&live.path);
-            let watching = poll.is_some();
-            let mut tick = tokio::time::interval(poll.unwrap_or(Duration::from_secs(3600)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let hup_recv = async {
-                    match hup.as_mut() {
-                        Some(s) => s.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tick.tick(), if watching => {
-                        let now = stamp(&live.path);
-                        if now != last {
-                            last = now;
-                            live.reload_and_log("file change");
-                        }
-                    }
-                    _ = hup_recv => {
-                        last = stamp(&live.path);
-                        live.reload_and_log("SIGHUP");
-                    }
+                let trigger = triggers.next().await;
+                let now = stamp(&live.path);
+                if trigger == Trigger::Sighup || now != last {
+                    last = now;
+                    live.reload_and_log(trigger.as_str());
                 }
             }
         })
+    }
+}
+
+/// Why files are looked at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The poll interval passed: reload if the files changed.
+    Poll,
+    /// SIGHUP: reload now.
+    Sighup,
+}
+
+impl Trigger {
+    /// For log lines: `file change` or `SIGHUP`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Poll => "file change",
+            Trigger::Sighup => "SIGHUP",
+        }
+    }
+}
+
+/// SIGHUP and, optionally, a poll interval: what file-backed settings (policy
+/// files, TLS certificates) reload on.
+pub struct Triggers {
+    hup: Option<tokio::signal::unix::Signal>,
+    tick: Option<tokio::time::Interval>,
+}
+
+impl Triggers {
+    /// Listens for SIGHUP from now on; polls every `poll` when given.
+    pub fn new(poll: Option<Duration>) -> Triggers {
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let tick = poll.map(|p| {
+            let mut tick = tokio::time::interval(p);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
+        Triggers { hup, tick }
+    }
+
+    /// Waits for the next SIGHUP or poll tick.
+    pub async fn next(&mut self) -> Trigger {
+        let hup = async {
+            match self.hup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let tick = async {
+            match self.tick.as_mut() {
+                Some(t) => t.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick => Trigger::Poll,
+            _ = hup => Trigger::Sighup,
+        }
     }
 }

@@ -216,26 +216,16 @@ pub fn spawn_reloader(
     poll: std::time::Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        use crate::gate::reload::{Trigger, Triggers};
+        let mut triggers = Triggers::new(Some(poll));
         loop {
-            let hup_recv = async {
-                match hup.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let trigger = tokio::select! {
-                _ = tick.tick() => "file change",
-                _ = hup_recv => "SIGHUP",
-            };
+            let trigger = triggers.next().await;
             for (address, live) in &channels {
-                let changed = live.changed();
-                if trigger == "file change" && !changed {
+                // `changed` also records the files' state for the next poll.
+                if !live.changed() && trigger == Trigger::Poll {
                     continue;
                 }
+                let trigger = trigger.as_str();
                 match live.reload() {
                     Ok(()) => tracing::info!(
                         channel = %address,
