@@ -3,7 +3,7 @@
 # the Gate with a cached HS256 JWT plus an ACL, against the same server with
 # authorization `none`, at 16 and 64 concurrent streams, with h2load.
 #
-#   bench/gate_h2load.sh [SECONDS]      (default 10 s per run, 3 runs each)
+#   bench/gate_h2load.sh [SECONDS]      (default 10 s per run, REPS=3 runs each)
 #
 # CASES picks the servers compared (default "none none+token jwt"):
 #   none        authorization none
@@ -21,7 +21,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
+reps="${REPS:-3}"
 read -r -a cases <<< "${CASES:-none none+token jwt}"
+# Client and servers on separate cores (PIN=0 turns this off): h2load on the
+# last core, the servers on the others, so that what the client spends (e.g.
+# on sending a token) is not taken from the server, as on a real network.
+ncpu="$(nproc)"
+if [[ "${PIN:-1}" == 1 && "$ncpu" -ge 2 ]]; then
+  server_cpus="0-$((ncpu - 2))"; client_cpus="$((ncpu - 1))"
+  srv=(taskset -c "$server_cpus"); cli=(taskset -c "$client_cpus")
+else
+  srv=(); cli=()
+fi
 command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
 
 cargo build --release --quiet --bin gridgate --example make_load
@@ -62,7 +73,7 @@ token="$(cat "$work/token")"
 
 declare -A port pids
 start() { # mode
-  ./target/release/gridgate --log warn,gridgate::server=info,gridgate::metrics=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
+  "${srv[@]}" ./target/release/gridgate --log warn,gridgate::server=info,gridgate::metrics=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
   pids[$1]=$!
   for _ in $(seq 100); do
     port[$1]="$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/$1.log" | head -1 | sed 's/.*://')" || true
@@ -87,12 +98,13 @@ run_case() { # mode streams rep
   {
     # Warm up (connections, token cache) in a run of its own: h2load counts the
     # bytes of --warm-up-time responses but not the requests.
-    h2load -D 2 -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
-    local pid="${pids[${mode%+token}]}" cpu0 cpu1
-    cpu0="$(awk '{print $14 + $15}' "/proc/$pid/stat")"
-    h2load -D "$secs" -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" \
+    "${cli[@]}" h2load -D 2 -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
+    local pid="${pids[${mode%+token}]}" cpu0 cpu1 usr0 usr1
+    rm -f "$work/lat"
+    read -r usr0 cpu0 < <(awk '{print $14, $14 + $15}' "/proc/$pid/stat")
+    "${cli[@]}" h2load -D "$secs" -c "$conns" -m "$per" -t 1 "${hdr[@]}" -d "$work/fmb.bin" \
       --log-file="$work/lat" "$url" > "$work/out" 2>&1
-    cpu1="$(awk '{print $14 + $15}' "/proc/$pid/stat")"
+    read -r usr1 cpu1 < <(awk '{print $14, $14 + $15}' "/proc/$pid/stat")
     local rps done data pct
     rps="$(grep -o '[0-9.]* req/s' "$work/out" | head -1 | awk '{print $1}')"
     done="$(grep -o '[0-9]* succeeded' "$work/out" | awk '{print $1}')"
@@ -106,9 +118,12 @@ run_case() { # mode streams rep
     fi
     # The server's own CPU time per request (user + system): unlike req/s, it
     # hardly moves when other work on the machine takes cycles.
-    local cpu_us
+    # User time alone is the server's own code (the Gate, HTTP/2, the handler);
+    # system time is mostly the kernel's loopback TCP path.
+    local cpu_us usr_us
     cpu_us="$(awk -v d="$((cpu1 - cpu0))" -v t="$(getconf CLK_TCK)" -v n="$done" 'BEGIN{printf "%.2f", d / t * 1e6 / n}')"
-    echo "$mode streams=$streams run=$rep: $rps req/s $pct requests=$done server-cpu=${cpu_us}us/req $verdict" | tee -a "$work/results"
+    usr_us="$(awk -v d="$((usr1 - usr0))" -v t="$(getconf CLK_TCK)" -v n="$done" 'BEGIN{printf "%.2f", d / t * 1e6 / n}')"
+    echo "$mode streams=$streams run=$rep: $rps req/s $pct requests=$done server-cpu=${cpu_us}us/req user=${usr_us}us/req $verdict" | tee -a "$work/results"
   }
 }
 
@@ -124,7 +139,7 @@ if [[ -n "${port[jwt+metrics]:-}" ]]; then
   while sleep 1; do curl -s "http://$maddr/metrics" > "$work/scrape" || true; done &
 fi
 for streams in 16 64; do
-  for rep in 1 2 3; do
+  for rep in $(seq "$reps"); do
     for mode in "${cases[@]}"; do
       run_case "$mode" "$streams" "$rep"
     done
@@ -132,8 +147,9 @@ for streams in 16 64; do
 done
 
 echo "== medians (req/s)"
-median() { grep "^$1 streams=$2 " "$work/results" | awk '{print $4}' | sort -n | sed -n 2p; }
-cpu_median() { grep "^$1 streams=$2 " "$work/results" | grep -o 'server-cpu=[0-9.]*' | sed 's/.*=//' | sort -n | sed -n 2p; }
+mid="$(( (reps + 1) / 2 ))"
+median() { grep "^$1 streams=$2 " "$work/results" | awk '{print $4}' | sort -n | sed -n "${mid}p"; }
+cpu_median() { grep "^$1 streams=$2 " "$work/results" | grep -o "${3:-server-cpu}=[0-9.]*" | sed 's/.*=//' | sort -n | sed -n "${mid}p"; }
 base="${cases[0]}"
 for streams in 16 64; do
   b="$(median "$base" "$streams")"
@@ -144,15 +160,17 @@ for streams in 16 64; do
   done
   echo "$line"
 done
-echo "== medians (server CPU microseconds per request)"
-for streams in 16 64; do
-  b="$(cpu_median "$base" "$streams")"
-  line="streams=$streams $base=$b"
-  for mode in "${cases[@]:1}"; do
-    m="$(cpu_median "$mode" "$streams")"
-    line+="$(awk -v m="$mode" -v b="$b" -v v="$m" 'BEGIN{printf " %s=%s (%+.1f%% vs first)", m, v, (v-b)/b*100}')"
+for what in server-cpu user; do
+  echo "== medians ($what microseconds per request)"
+  for streams in 16 64; do
+    b="$(cpu_median "$base" "$streams" "$what")"
+    line="streams=$streams $base=$b"
+    for mode in "${cases[@]:1}"; do
+      m="$(cpu_median "$mode" "$streams" "$what")"
+      line+="$(awk -v m="$mode" -v b="$b" -v v="$m" 'BEGIN{printf " %s=%s (%+.1f%% vs first)", m, v, (v-b)/b*100}')"
+    done
+    echo "$line"
   done
-  echo "$line"
 done
 if [[ -n "${port[jwt+metrics]:-}" ]]; then
   echo "== last scrape: $(grep -c '^gridgate_' "$work/scrape") samples; e.g."

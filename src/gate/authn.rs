@@ -163,22 +163,18 @@ pub fn identify_headers(
     Ok(identity)
 }
 
-/// Removes the caller's credentials and identity headers and sets the identity
-/// headers from the verified identity, so that nothing behind the gate sees a
-/// token and an upstream trusting `x-request-*` sees the verified caller.
-pub fn rewrite_identity_headers(headers: &mut HeaderMap, identity: &Identity) {
-    headers.remove(http::header::AUTHORIZATION);
-    for (name, value) in [
-        (ACTOR_HEADER, &identity.actor),
-        (SUBJECT_HEADER, &identity.subject),
-        (WORKFLOW_HEADER, &identity.workflow),
+/// Removes the caller's credentials and self-asserted identity headers, so
+/// that nothing behind the gate sees a token or an identity it did not verify.
+/// (The verified identity travels in the request's `Admission`; an upstream is
+/// sent it as `x-request-*` headers when the request is forwarded.)
+pub fn strip_caller_credentials(headers: &mut HeaderMap) {
+    for name in [
+        http::header::AUTHORIZATION.as_str(),
+        ACTOR_HEADER,
+        SUBJECT_HEADER,
+        WORKFLOW_HEADER,
     ] {
         headers.remove(name);
-        if let Some(v) = value {
-            if let Ok(v) = http::HeaderValue::from_str(v) {
-                headers.insert(name, v);
-            }
-        }
     }
 }
 
@@ -219,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    fn headers_identity_and_rewrite() {
+    fn headers_identity_and_strip() {
         let h = headers(&[("x-request-actor", "ci"), ("x-request-subject", "repo")]);
         let id = identify_headers(&h, None).unwrap();
         assert_eq!(id.actor.as_deref(), Some("ci"));
@@ -230,11 +226,12 @@ mod tests {
             ("authorization", "Bearer secret"),
             ("x-request-actor", "forged"),
             ("x-request-workflow", "forged"),
+            ("x-other", "kept"),
         ]);
-        rewrite_identity_headers(&mut h, &id);
+        strip_caller_credentials(&mut h);
         assert!(h.get("authorization").is_none());
-        assert_eq!(h.get("x-request-actor").unwrap(), "ci");
-        assert_eq!(h.get("x-request-subject").unwrap(), "repo");
+        assert!(h.get("x-request-actor").is_none());
         assert!(h.get("x-request-workflow").is_none());
+        assert_eq!(h.len(), 1, "other headers stay: {h:?}");
     }
 }

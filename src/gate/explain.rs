@@ -111,7 +111,11 @@ fn explain(
             if let Some(would) = &d.dry_run_denied {
                 out.push_str(&format!("dry-run: would deny: {would}\n"));
             }
-            (d.allowed, d.reason, d.rule)
+            (
+                d.allowed,
+                d.reason.to_string(),
+                d.rule.map(|r| r.to_string()),
+            )
         }
     };
     out.push_str(&format!(

@@ -42,6 +42,7 @@ use super::admission::Admission;
 use super::authn::{self, Unauthenticated};
 use super::frame::{self, Encoding};
 use super::identity::{AuthMethod, Identity};
+use super::policy::SharedStr;
 use super::route::{self, Openness, Route, StreamCheck};
 use super::scan;
 use super::Gate;
@@ -218,6 +219,22 @@ fn upstream_for(upstreams: &Upstreams, req: &Request<Body>) -> Option<Upstream> 
         return None;
     }
     upstreams.get(admission.instance.as_deref()?)
+}
+
+/// The fixed reasons of decisions made without a policy, built once.
+struct Reasons {
+    authorization_none: SharedStr,
+    no_acl: SharedStr,
+    query_scope: SharedStr,
+}
+
+fn reasons() -> &'static Reasons {
+    static REASONS: std::sync::OnceLock<Reasons> = std::sync::OnceLock::new();
+    REASONS.get_or_init(|| Reasons {
+        authorization_none: "authorization none".into(),
+        no_acl: "no ACL configured: authenticated callers are allowed".into(),
+        query_scope: "query over every instance the caller may query".into(),
+    })
 }
 
 /// Refusal as a gRPC response (Trailers-Only).
@@ -447,49 +464,42 @@ async fn admit(
     };
 
     // 4. Decide.
-    let (allowed, reason, rule) = if gate.method == Method::None {
-        outcome.decision = ("allow", "authorization_none");
-        (true, "authorization none".to_string(), None)
-    } else {
-        match (&gate.policy, decide_on) {
-            (None, _) => {
-                outcome.decision = ("allow", "no_acl");
-                (
-                    true,
-                    "no ACL configured: authenticated callers are allowed".to_string(),
-                    None,
-                )
-            }
-            (Some(_), None) => {
-                outcome.decision = ("allow", "query_scope");
-                (
-                    true,
-                    "query over every instance the caller may query".to_string(),
-                    None,
-                )
-            }
-            (Some(live), Some(inst)) => {
-                let d = live.current().decide(inst, route.rpc, &identity);
-                if let Some(would) = &d.dry_run_denied {
-                    tracing::warn!(
-                        target: "gridgate::audit",
-                        rpc = route.rpc,
-                        instance = inst,
-                        actor = identity.actor.as_deref().unwrap_or(""),
-                        "dry-run policy would deny: {would}"
-                    );
+    let (allowed, reason, rule): (bool, SharedStr, Option<SharedStr>) =
+        if gate.method == Method::None {
+            outcome.decision = ("allow", "authorization_none");
+            (true, reasons().authorization_none.clone(), None)
+        } else {
+            match (&gate.policy, decide_on) {
+                (None, _) => {
+                    outcome.decision = ("allow", "no_acl");
+                    (true, reasons().no_acl.clone(), None)
                 }
-                outcome.decision = match (d.allowed, identity.method == AuthMethod::Anonymous) {
-                    (true, _) => ("allow", "rule"),
-                    (false, true) => ("deny", "anonymous_no_rule"),
-                    (false, false) => ("deny", "no_rule"),
-                };
-                (d.allowed, d.reason, d.rule)
+                (Some(_), None) => {
+                    outcome.decision = ("allow", "query_scope");
+                    (true, reasons().query_scope.clone(), None)
+                }
+                (Some(live), Some(inst)) => {
+                    let d = live.current().decide(inst, route.rpc, &identity);
+                    if let Some(would) = &d.dry_run_denied {
+                        tracing::warn!(
+                            target: "gridgate::audit",
+                            rpc = route.rpc,
+                            instance = inst,
+                            actor = identity.actor.as_deref().unwrap_or(""),
+                            "dry-run policy would deny: {would}"
+                        );
+                    }
+                    outcome.decision = match (d.allowed, identity.method == AuthMethod::Anonymous) {
+                        (true, _) => ("allow", "rule"),
+                        (false, true) => ("deny", "anonymous_no_rule"),
+                        (false, false) => ("deny", "no_rule"),
+                    };
+                    (d.allowed, d.reason, d.rule)
+                }
             }
-        }
-    };
+        };
     let reason = match &ignored {
-        Some(why) => format!("{reason} (credentials not used: {why})"),
+        Some(why) => SharedStr::from(format!("{reason} (credentials not used: {why})")),
         None => reason,
     };
     audit.log(Some(&identity), allowed, &reason, rule.as_deref());
@@ -503,8 +513,10 @@ async fn admit(
         return Err(refuse(Status::permission_denied(format!("{who}{reason}"))));
     }
 
-    // 5. Record.
-    authn::rewrite_identity_headers(req.headers_mut(), &identity);
+    // 5. Record. The caller's token and self-asserted identity go no
+    // further: services read the verified identity from the Admission, and an
+    // upstream is sent it as x-request-* headers (see reapi::upstream).
+    authn::strip_caller_credentials(req.headers_mut());
     req.extensions_mut().insert(Admission {
         identity,
         instance,

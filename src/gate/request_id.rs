@@ -54,8 +54,19 @@ fn generate() -> HeaderValue {
         h.finish()
     });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let text = format!("{base:016x}{n:016x}");
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Hex digits written in place: no formatting machinery on every request.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 32];
+    for (i, byte) in base
+        .to_be_bytes()
+        .into_iter()
+        .chain(n.to_be_bytes())
+        .enumerate()
+    {
+        text[2 * i] = HEX[usize::from(byte >> 4)];
+        text[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// What a REAPI client says about itself, for the request's log line.
@@ -121,7 +132,18 @@ mod tests {
         let mut h = HeaderMap::new();
         let b = assign(&mut h);
         assert_ne!(a, b);
-        assert!(a.to_str().unwrap().bytes().all(|c| c.is_ascii_hexdigit()));
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+        assert!(
+            a.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+            "{a}"
+        );
+        // One per-process prefix, then a counter.
+        assert_eq!(a[..16], b[..16]);
+        let (na, nb) = (
+            u64::from_str_radix(&a[16..], 16).unwrap(),
+            u64::from_str_radix(&b[16..], 16).unwrap(),
+        );
+        assert!(nb > na, "{a} then {b}");
     }
 
     #[test]

@@ -128,6 +128,68 @@ pub struct PolicyOptions {
     pub match_mode: MatchMode,
 }
 
+/// An immutable string shared by every decision that quotes it: a rule's
+/// reason and locator are built once, when the policy loads, and each request
+/// it decides takes a reference count rather than a copy.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SharedStr(std::sync::Arc<str>);
+
+impl SharedStr {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        SharedStr(s.into())
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        SharedStr(s.into())
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for SharedStr {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
 /// The outcome of [`Policy::decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -135,9 +197,9 @@ pub struct Decision {
     pub allowed: bool,
     /// Why, for logs and the PERMISSION_DENIED message, e.g.
     /// `allowed by team-a.yaml: team-a allow[0]` or `no rule allows Write on instance team-a`.
-    pub reason: String,
+    pub reason: SharedStr,
     /// The rule that decided, as `FILE#KEY.allow[N]`, when one did.
-    pub rule: Option<String>,
+    pub rule: Option<SharedStr>,
     /// Set when the request is allowed only because a dry-run entry is not enforced:
     /// the reason it would have been denied.
     pub dry_run_denied: Option<String>,
@@ -241,9 +303,9 @@ enum Rules {
 /// The precomputed texts reported when a rule decides.
 struct Verdict {
     /// `allowed by team-a.yaml: team-a allow[0]`.
-    reason: String,
+    reason: SharedStr,
     /// `policies/team-a.yaml#team-a.allow[0]`.
-    locator: String,
+    locator: SharedStr,
 }
 
 /// One compiled rule: every condition must hold.
@@ -474,7 +536,7 @@ impl Policy {
         };
         if let Some(verdict) = enforced_allow {
             let mut decision = Decision::decided(true, verdict);
-            decision.dry_run_denied = dry_deny().map(|v| v.reason.clone());
+            decision.dry_run_denied = dry_deny().map(|v| v.reason.to_string());
             return decision;
         }
         if enforced_grant {
@@ -487,7 +549,7 @@ impl Policy {
                 .filter(|e| e.dry_run)
                 .find_map(|e| e.allow.first_match(rpc, identity));
             let would_deny = match (dry_deny(), dry_allow) {
-                (Some(deny), _) => Some(deny.reason.clone()),
+                (Some(deny), _) => Some(deny.reason.to_string()),
                 (None, Some(_)) => None,
                 (None, None) if matched.is_empty() => Some(no_entry(instance)),
                 (None, None) => Some(no_rule_allows(rpc, instance)),
@@ -499,7 +561,8 @@ impl Policy {
                     reason: format!(
                         "allowed: dry-run, not enforced on instance {}",
                         show_instance(instance)
-                    ),
+                    )
+                    .into(),
                     rule: allow.map(|v| v.locator.clone()),
                     dry_run_denied: would_deny,
                 },
@@ -558,7 +621,7 @@ impl Decision {
     fn denied(reason: String) -> Decision {
         Decision {
             allowed: false,
-            reason,
+            reason: reason.into(),
             rule: None,
             dry_run_denied: None,
         }

@@ -651,8 +651,8 @@ impl EntryContext<'_> {
             reason.push_str(" [dry-run]");
         }
         Verdict {
-            reason,
-            locator: format!("{}#{key}.{at}", self.source.display),
+            reason: reason.into(),
+            locator: format!("{}#{key}.{at}", self.source.display).into(),
         }
     }
 

@@ -995,7 +995,7 @@ fn a_directory_merges_its_files_in_name_order() {
     let d = p.decide("shared", "Read", &who("alice"));
     assert_eq!(d.reason, "allowed by a-team.yaml: shared allow[0]");
     let expected = format!("{}#shared.allow[0]", dir.0.join("a-team.yaml").display());
-    assert_eq!(d.rule, Some(expected));
+    assert_eq!(d.rule.as_deref(), Some(expected.as_str()));
     assert_eq!(
         p.decide("shared", "Read", &who("eve")).reason,
         "denied by b-team.yml: shared deny[0]"
