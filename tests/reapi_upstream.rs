@@ -16,6 +16,7 @@ use gridgate::gate::admission::Admission;
 use gridgate::gate::identity::Identity;
 use gridgate::proto::build::bazel::remote::execution::v2 as re;
 use gridgate::proto::google::bytestream as bs;
+use gridgate::proto::google::longrunning as lro;
 use gridgate::reapi::digest::BlobKey;
 use gridgate::reapi::upstream::Upstream;
 use re::action_cache_client::ActionCacheClient;
@@ -397,4 +398,270 @@ async fn buildgrid_as_the_upstream() {
     cfg.instance_name = Some("main".into());
     round_trips(Upstream::new("team-a", &cfg).unwrap(), "team-a").await;
     drop(bg);
+}
+
+/// An upstream serving Execution and Operations for its instance `main`: it
+/// names operations `main/op-N`, records every name it is asked about, and
+/// notes when an Execute stream is dropped (the caller went away).
+#[derive(Clone, Default)]
+struct Scheduler {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The RPCs whose response streams were dropped.
+    dropped: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl Scheduler {
+    fn saw(&self, what: String) {
+        self.seen.lock().unwrap().push(what);
+    }
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn operation(name: &str, done: bool) -> lro::Operation {
+    lro::Operation {
+        name: name.into(),
+        done,
+        ..Default::default()
+    }
+}
+
+/// Sends its operations, then stays open until dropped.
+struct HeldStream {
+    rpc: &'static str,
+    items: std::collections::VecDeque<lro::Operation>,
+    dropped: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl futures_util::Stream for HeldStream {
+    type Item = Result<lro::Operation, Status>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.items.pop_front() {
+            Some(op) => std::task::Poll::Ready(Some(Ok(op))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for HeldStream {
+    fn drop(&mut self) {
+        self.dropped.lock().unwrap().push(self.rpc);
+    }
+}
+
+#[tonic::async_trait]
+impl re::execution_server::Execution for Scheduler {
+    type ExecuteStream = HeldStream;
+    type WaitExecutionStream = HeldStream;
+
+    async fn execute(
+        &self,
+        req: Request<re::ExecuteRequest>,
+    ) -> Result<Response<HeldStream>, Status> {
+        let instance = req.into_inner().instance_name;
+        self.saw(format!("Execute {instance}"));
+        // The first message at once; the stream then stays open.
+        Ok(Response::new(HeldStream {
+            rpc: "Execute",
+            items: [operation(&format!("{instance}/op-1"), false)].into(),
+            dropped: self.dropped.clone(),
+        }))
+    }
+
+    async fn wait_execution(
+        &self,
+        req: Request<re::WaitExecutionRequest>,
+    ) -> Result<Response<HeldStream>, Status> {
+        let name = req.into_inner().name;
+        self.saw(format!("WaitExecution {name}"));
+        Ok(Response::new(HeldStream {
+            rpc: "WaitExecution",
+            items: [operation(&name, false), operation(&name, true)].into(),
+            dropped: self.dropped.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl lro::operations_server::Operations for Scheduler {
+    async fn list_operations(
+        &self,
+        req: Request<lro::ListOperationsRequest>,
+    ) -> Result<Response<lro::ListOperationsResponse>, Status> {
+        let req = req.into_inner();
+        self.saw(format!("ListOperations {} {}", req.name, req.filter));
+        Ok(Response::new(lro::ListOperationsResponse {
+            operations: vec![
+                operation(&format!("{}/op-1", req.name), false),
+                operation(&format!("{}/op-2", req.name), true),
+            ],
+            next_page_token: "page-2".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_operation(
+        &self,
+        req: Request<lro::GetOperationRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        let name = req.into_inner().name;
+        self.saw(format!("GetOperation {name}"));
+        Ok(Response::new(operation(&name, true)))
+    }
+
+    async fn delete_operation(
+        &self,
+        req: Request<lro::DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.saw(format!("DeleteOperation {}", req.into_inner().name));
+        Ok(Response::new(()))
+    }
+
+    async fn cancel_operation(
+        &self,
+        req: Request<lro::CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.saw(format!("CancelOperation {}", req.into_inner().name));
+        Ok(Response::new(()))
+    }
+
+    async fn wait_operation(
+        &self,
+        req: Request<lro::WaitOperationRequest>,
+    ) -> Result<Response<lro::Operation>, Status> {
+        let name = req.into_inner().name;
+        self.saw(format!("WaitOperation {name}"));
+        Ok(Response::new(operation(&name, true)))
+    }
+}
+
+/// Through the whole server: with `instance-name: main`, callers of `team-a`
+/// only ever see `team-a/...` operation names, and the upstream only ever
+/// sees `main/...`; a caller that goes away cancels the upstream stream.
+#[tokio::test]
+async fn operation_names_are_rewritten_both_ways_and_cancellation_reaches_the_upstream() {
+    use lro::operations_client::OperationsClient;
+    use re::execution_client::ExecutionClient;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let scheduler = Scheduler::default();
+    let upstream = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(re::execution_server::ExecutionServer::new(
+                scheduler.clone(),
+            ))
+            .add_service(lro::operations_server::OperationsServer::new(
+                scheduler.clone(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = loopback_config(
+        "",
+        &format!(
+            "authorization:\n  method: none\ninstances:\n  - name: team-a\n    upstream:\n      address: \"grpc://{up_addr}\"\n      instance-name: main\n"
+        ),
+    );
+    let gate = TestServer::start(&yaml, dir.path()).await;
+    let channel = common::plain_channel(gate.tcp()).await;
+    let mut exec = ExecutionClient::new(channel.clone());
+    let mut ops = OperationsClient::new(channel);
+
+    // Execute: the instance goes up as `main`, the operation comes back as team-a's.
+    let mut stream = exec
+        .execute(re::ExecuteRequest {
+            instance_name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.name, "team-a/op-1");
+
+    // The public name is what the Gate locates the instance by, and what the
+    // upstream never sees.
+    let mut waited = exec
+        .wait_execution(re::WaitExecutionRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let a = waited.message().await.unwrap().unwrap();
+    let b = waited.message().await.unwrap().unwrap();
+    assert_eq!(
+        (a.name.as_str(), b.name.as_str(), b.done),
+        ("team-a/op-1", "team-a/op-1", true)
+    );
+    drop(waited);
+
+    let got = ops
+        .get_operation(lro::GetOperationRequest {
+            name: "team-a/op-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.name, "team-a/op-1");
+    let listed = ops
+        .list_operations(lro::ListOperationsRequest {
+            name: "team-a".into(),
+            filter: "stage = QUEUED".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = listed.operations.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["team-a/op-1", "team-a/op-2"]);
+    assert_eq!(listed.next_page_token, "page-2");
+    ops.cancel_operation(lro::CancelOperationRequest {
+        name: "team-a/op-1".into(),
+    })
+    .await
+    .unwrap();
+    ops.wait_operation(lro::WaitOperationRequest {
+        name: "team-a/op-1".into(),
+        timeout: None,
+    })
+    .await
+    .unwrap();
+    ops.delete_operation(lro::DeleteOperationRequest {
+        name: "team-a/op-1".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        scheduler.seen(),
+        [
+            "Execute main",
+            "WaitExecution main/op-1",
+            "GetOperation main/op-1",
+            "ListOperations main stage = QUEUED",
+            "CancelOperation main/op-1",
+            "WaitOperation main/op-1",
+            "DeleteOperation main/op-1",
+        ]
+    );
+
+    // The Execute stream is still open upstream; dropping it here resets the
+    // caller's stream, and gridgate resets the upstream one.
+    assert!(!scheduler.dropped.lock().unwrap().contains(&"Execute"));
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scheduler.dropped.lock().unwrap().contains(&"Execute") {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream Execute stream was not cancelled within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.stop().await;
+    upstream.abort();
 }

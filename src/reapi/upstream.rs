@@ -24,12 +24,14 @@
 //!   headers` reads).
 //! - An unreachable upstream is answered with UNAVAILABLE naming its address.
 //! - Instance-name rewriting (`instance-name:`): the requests whose first
-//!   field names the instance (Capabilities, CAS, ActionCache, Execute) and
-//!   ByteStream resource names (Read, Write, QueryWriteStatus) are re-encoded
-//!   with the upstream name, message by message (compressed messages are
-//!   decompressed and sent uncompressed). Operation names (WaitExecution,
-//!   Operations) and responses are not rewritten: with rewriting, clients see
-//!   the upstream's operation names.
+//!   field names the instance (Capabilities, CAS, ActionCache, Execute),
+//!   ByteStream resource names (Read, Write, QueryWriteStatus), operation
+//!   names (WaitExecution, the Operations service) and ListOperations' name
+//!   are re-encoded with the upstream name, message by message (compressed
+//!   messages are decompressed and sent uncompressed); the operation names in
+//!   responses (Execute, WaitExecution, Get/Wait/ListOperations) are renamed
+//!   back to the public instance, so a client's later WaitExecution or
+//!   GetOperation is admitted by the Gate on that instance.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -129,9 +131,9 @@ impl Upstream {
             headers.insert(name, value);
         }
         let rewrite = match &cfg.instance_name {
-            Some(upstream) if upstream != public_name => Some(rewrite::Rewrite {
-                upstream: upstream.clone(),
-            }),
+            Some(upstream) if upstream != public_name => {
+                Some(rewrite::Rewrite::new(public_name, upstream))
+            }
             _ => None,
         };
         Ok(Upstream {
@@ -149,7 +151,10 @@ impl Upstream {
         &self.inner.address
     }
 
-    fn prepare(&self, mut req: http::Request<Body>) -> Result<http::Request<Body>, tonic::Status> {
+    fn prepare(
+        &self,
+        mut req: http::Request<Body>,
+    ) -> Result<(http::Request<Body>, Option<rewrite::ResponseRewrite>), tonic::Status> {
         let admission = req.extensions().get::<Admission>().cloned();
         let headers = req.headers_mut();
         for h in STRIPPED {
@@ -172,7 +177,7 @@ impl Upstream {
         }
         match &self.inner.rewrite {
             Some(r) => r.apply(req),
-            None => Ok(req),
+            None => Ok((req, None)),
         }
     }
 }
@@ -213,12 +218,15 @@ impl tower::Service<http::Request<Body>> for Upstream {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let req = match this.prepare(req) {
+            let (req, response) = match this.prepare(req) {
                 Ok(r) => r,
                 Err(status) => return Ok(status.into_http()),
             };
             match tower::ServiceExt::oneshot(this.channel.clone(), req).await {
-                Ok(resp) => Ok(resp),
+                Ok(resp) => Ok(match response {
+                    Some(rewrite) => rewrite.apply(resp),
+                    None => resp,
+                }),
                 Err(e) => Ok(transport_status(&this.inner.address, e).into_http()),
             }
         })

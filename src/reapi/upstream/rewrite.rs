@@ -1,15 +1,21 @@
 //! Instance-name rewriting for an upstream whose instance has another name:
-//! re-encodes the request messages whose first field names the instance
-//! (or, for ByteStream, a resource name that starts with it).
+//! re-encodes the request messages that name the instance (field 1 of most
+//! REAPI requests, a ByteStream resource name that starts with it, an
+//! operation name `INSTANCE/ID`, ListOperations' `name`), and the operation
+//! names in responses (Execute, WaitExecution and the Operations service), so
+//! that clients only ever see operation names under the public instance, which
+//! is where the Gate looks for the instance of a later WaitExecution or
+//! GetOperation.
 //!
-//! The request body is re-framed message by message: each gRPC message is
-//! buffered whole (at most [`MAX_MESSAGE`] bytes), decompressed if its flag
-//! says so (with the `grpc-encoding` of the request), field 1 is replaced, and
-//! the message is sent uncompressed (flag 0 is valid whatever the encoding).
-//! Every other field is copied byte for byte.
+//! Bodies are re-framed message by message: each gRPC message is buffered
+//! whole (at most [`MAX_MESSAGE`] bytes), decompressed if its flag says so
+//! (with the body's `grpc-encoding`), the naming field is replaced, and the
+//! message is sent uncompressed (flag 0 is valid whatever the encoding). Every
+//! other field is copied byte for byte.
 
 use std::io::Read;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -30,10 +36,26 @@ enum Mode {
     /// Field 1 is a ByteStream resource name (in later Write messages it may
     /// be absent).
     Resource(Access),
+    /// Field 1 is an operation name, `INSTANCE/ID`.
+    Operation,
+    /// ListOperations: field 4 is the instance (BuildGrid's reading).
+    ListOperations,
 }
 
-fn mode_of(path: &str) -> Option<Mode> {
-    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+/// How the response messages name operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResponseMode {
+    /// Each message is an Operation (field 1: its name).
+    Operation,
+    /// A ListOperationsResponse: field 1 holds the Operations.
+    OperationList,
+}
+
+/// The request and response modes of an RPC (`None`: passed unchanged).
+fn modes_of(path: &str) -> (Option<Mode>, Option<ResponseMode>) {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return (None, None);
+    };
     match (service, method) {
         ("build.bazel.remote.execution.v2.Capabilities", "GetCapabilities")
         | (
@@ -44,63 +66,168 @@ fn mode_of(path: &str) -> Option<Mode> {
         | (
             "build.bazel.remote.execution.v2.ActionCache",
             "GetActionResult" | "UpdateActionResult",
-        )
-        | ("build.bazel.remote.execution.v2.Execution", "Execute") => Some(Mode::Instance),
-        ("google.bytestream.ByteStream", "Read") => Some(Mode::Resource(Access::Read)),
-        ("google.bytestream.ByteStream", "Write" | "QueryWriteStatus") => {
-            Some(Mode::Resource(Access::Write))
+        ) => (Some(Mode::Instance), None),
+        ("build.bazel.remote.execution.v2.Execution", "Execute") => {
+            (Some(Mode::Instance), Some(ResponseMode::Operation))
         }
-        _ => None,
+        ("build.bazel.remote.execution.v2.Execution", "WaitExecution")
+        | ("google.longrunning.Operations", "GetOperation" | "WaitOperation") => {
+            (Some(Mode::Operation), Some(ResponseMode::Operation))
+        }
+        ("google.longrunning.Operations", "CancelOperation" | "DeleteOperation") => {
+            (Some(Mode::Operation), None)
+        }
+        ("google.longrunning.Operations", "ListOperations") => (
+            Some(Mode::ListOperations),
+            Some(ResponseMode::OperationList),
+        ),
+        ("google.bytestream.ByteStream", "Read") => (Some(Mode::Resource(Access::Read)), None),
+        ("google.bytestream.ByteStream", "Write" | "QueryWriteStatus") => {
+            (Some(Mode::Resource(Access::Write)), None)
+        }
+        _ => (None, None),
     }
 }
 
-/// Rewrites requests to name the upstream's instance.
+#[cfg(test)]
+fn mode_of(path: &str) -> Option<Mode> {
+    modes_of(path).0
+}
+
+/// The instance's name on each side.
+#[derive(Debug)]
+struct Names {
+    /// The name clients use (and the Gate's policy decides on).
+    public: String,
+    /// The name the upstream knows.
+    upstream: String,
+}
+
+impl Names {
+    /// `INSTANCE/ID` (or `ID` for the unnamed instance).
+    fn operation(instance: &str, id: &str) -> String {
+        if instance.is_empty() {
+            id.to_string()
+        } else {
+            format!("{instance}/{id}")
+        }
+    }
+
+    /// The operation's id: what follows the last `/` (the Gate reads the
+    /// instance as everything before it).
+    fn operation_id(name: &str) -> &str {
+        name.rsplit_once('/').map_or(name, |(_, id)| id)
+    }
+
+    fn operation_to_upstream(&self, name: &str) -> String {
+        Names::operation(&self.upstream, Names::operation_id(name))
+    }
+
+    fn operation_to_public(&self, name: &str) -> String {
+        Names::operation(&self.public, Names::operation_id(name))
+    }
+}
+
+/// Rewrites requests to name the upstream's instance, and operation names in
+/// responses to name the public one.
 #[derive(Debug, Clone)]
 pub struct Rewrite {
-    /// The instance name the upstream knows.
-    pub upstream: String,
+    names: Arc<Names>,
+}
+
+/// What to do with the response of a rewritten request.
+pub struct ResponseRewrite {
+    mode: ResponseMode,
+    names: Arc<Names>,
 }
 
 impl Rewrite {
-    /// Wraps the body of `req` so its messages name the upstream instance.
-    pub fn apply(&self, mut req: http::Request<Body>) -> Result<http::Request<Body>, Status> {
-        let Some(mode) = mode_of(req.uri().path()) else {
-            return Ok(req);
+    /// Between the public instance `public` and the upstream's `upstream`.
+    pub fn new(public: &str, upstream: &str) -> Rewrite {
+        Rewrite {
+            names: Arc::new(Names {
+                public: public.to_string(),
+                upstream: upstream.to_string(),
+            }),
+        }
+    }
+
+    /// Wraps the body of `req` so its messages name the upstream instance;
+    /// also says how the response must be rewritten, if at all.
+    pub fn apply(
+        &self,
+        mut req: http::Request<Body>,
+    ) -> Result<(http::Request<Body>, Option<ResponseRewrite>), Status> {
+        let (mode, response) = modes_of(req.uri().path());
+        let response = response.map(|mode| ResponseRewrite {
+            mode,
+            names: self.names.clone(),
+        });
+        let Some(mode) = mode else {
+            return Ok((req, response));
         };
         req.headers_mut()
             .remove(crate::reapi::bytestream::RESOURCE_NAME_HEADER);
-        let encoding = req
-            .headers()
-            .get("grpc-encoding")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let upstream = self.upstream.clone();
-        Ok(req.map(|inner| {
-            Body::new(RewriteBody {
+        let encoding = encoding_of(req.headers());
+        let names = self.names.clone();
+        let req = req.map(|inner| {
+            Body::new(RewriteBody::new(
                 inner,
-                buf: BytesMut::new(),
-                mode,
-                upstream,
                 encoding,
-                trailers: None,
-                done: false,
-            })
-        }))
+                Box::new(move |msg| rewrite_message(msg, mode, &names)),
+            ))
+        });
+        Ok((req, response))
     }
 }
 
-/// A request body whose gRPC messages are rewritten one by one.
+impl ResponseRewrite {
+    /// Wraps the body of `resp` so its operation names are the public ones.
+    pub fn apply(self, resp: http::Response<Body>) -> http::Response<Body> {
+        let encoding = encoding_of(resp.headers());
+        let ResponseRewrite { mode, names } = self;
+        resp.map(|inner| {
+            Body::new(RewriteBody::new(
+                inner,
+                encoding,
+                Box::new(move |msg| rewrite_response(msg, mode, &names)),
+            ))
+        })
+    }
+}
+
+fn encoding_of(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("grpc-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Rewrites one (uncompressed) message.
+type Rewriter = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, Status> + Send + Sync>;
+
+/// A body whose gRPC messages are rewritten one by one.
 struct RewriteBody {
     inner: Body,
     buf: BytesMut,
-    mode: Mode,
-    upstream: String,
+    rewrite: Rewriter,
     encoding: Option<String>,
     trailers: Option<http::HeaderMap>,
     done: bool,
 }
 
 impl RewriteBody {
+    fn new(inner: Body, encoding: Option<String>, rewrite: Rewriter) -> RewriteBody {
+        RewriteBody {
+            inner,
+            buf: BytesMut::new(),
+            rewrite,
+            encoding,
+            trailers: None,
+            done: false,
+        }
+    }
+
     /// The next complete message in the buffer, rewritten and framed.
     fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
         if self.buf.len() < 5 {
@@ -110,7 +237,7 @@ impl RewriteBody {
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
         if len > MAX_MESSAGE {
             return Err(Status::resource_exhausted(format!(
-                "message of {len} bytes is too large to rewrite the instance name"
+                "message of {len} bytes is too large to rewrite its instance name"
             )));
         }
         if self.buf.len() < 5 + len {
@@ -127,7 +254,7 @@ impl RewriteBody {
                 )))
             }
         };
-        let out = rewrite_message(&msg, self.mode, &self.upstream)?;
+        let out = (self.rewrite)(&msg)?;
         let mut framed = BytesMut::with_capacity(5 + out.len());
         framed.put_u8(0);
         framed.put_u32(out.len() as u32);
@@ -201,10 +328,10 @@ fn decompress(encoding: Option<&str>, data: &[u8]) -> Result<Vec<u8>, Status> {
             )))
         }
     };
-    result.map_err(|e| Status::internal(format!("cannot decompress the request: {e}")))?;
+    result.map_err(|e| Status::internal(format!("cannot decompress a message: {e}")))?;
     if out.len() > MAX_MESSAGE {
         return Err(Status::resource_exhausted(
-            "decompressed message is too large to rewrite",
+            "decompressed message is too large to rewrite its instance name",
         ));
     }
     Ok(out)
@@ -239,40 +366,64 @@ fn fields(msg: &[u8]) -> Result<Vec<(u64, &[u8])>, Status> {
     Ok(out)
 }
 
-/// The string value of a length-delimited field's bytes (key included).
-fn string_value(field: &[u8]) -> Result<&str, Status> {
+/// The payload of a length-delimited field's bytes (key included).
+fn payload(field: &[u8]) -> Result<&[u8], Status> {
     let mut rest = field;
-    let bad = || Status::invalid_argument("field 1 is not a string");
+    let bad = || Status::invalid_argument("a field is not length-delimited");
+    let key = prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
+    if key & 7 != 2 {
+        return Err(bad());
+    }
     prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
-    prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
-    std::str::from_utf8(rest).map_err(|_| bad())
+    Ok(rest)
 }
 
-/// `msg` with field 1 set to `value` (every earlier occurrence removed).
-fn with_field1(msg: &[(u64, &[u8])], value: &str) -> Vec<u8> {
+/// The string value of a length-delimited field's bytes (key included).
+fn string_value(field: &[u8]) -> Result<&str, Status> {
+    std::str::from_utf8(payload(field)?)
+        .map_err(|_| Status::invalid_argument("a name field is not a string"))
+}
+
+/// The last occurrence of string field `number` (prost keeps the last one).
+fn last_string<'a>(fields: &[(u64, &'a [u8])], number: u64) -> Result<Option<&'a str>, Status> {
+    match fields.iter().rev().find(|(n, _)| *n == number) {
+        Some((_, f)) => string_value(f).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// `msg` with field `number` set to `value` (every earlier occurrence removed).
+fn with_field(msg: &[(u64, &[u8])], number: u32, value: &[u8]) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(value.len() + 8 + msg.iter().map(|f| f.1.len()).sum::<usize>());
-    prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
     prost::encoding::encode_varint(value.len() as u64, &mut out);
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     for (n, bytes) in msg {
-        if *n != 1 {
+        if *n != u64::from(number) {
             out.extend_from_slice(bytes);
         }
     }
     out
 }
 
-fn rewrite_message(msg: &[u8], mode: Mode, upstream: &str) -> Result<Vec<u8>, Status> {
+fn rewrite_message(msg: &[u8], mode: Mode, names: &Names) -> Result<Vec<u8>, Status> {
     let fields = fields(msg)?;
     match mode {
-        Mode::Instance => Ok(with_field1(&fields, upstream)),
+        Mode::Instance => Ok(with_field(&fields, 1, names.upstream.as_bytes())),
+        Mode::ListOperations => Ok(with_field(&fields, 4, names.upstream.as_bytes())),
+        Mode::Operation => match last_string(&fields, 1)? {
+            Some(name) => Ok(with_field(
+                &fields,
+                1,
+                names.operation_to_upstream(name).as_bytes(),
+            )),
+            None => Ok(msg.to_vec()),
+        },
         Mode::Resource(access) => {
-            // prost keeps the last occurrence; so does this.
-            let Some((_, last)) = fields.iter().rev().find(|(n, _)| *n == 1) else {
+            let Some(name) = last_string(&fields, 1)? else {
                 return Ok(msg.to_vec());
             };
-            let name = string_value(last)?;
             if name.is_empty() {
                 return Ok(msg.to_vec());
             }
@@ -280,12 +431,49 @@ fn rewrite_message(msg: &[u8], mode: Mode, upstream: &str) -> Result<Vec<u8>, St
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let rest = &name[parsed.instance.len()..];
             let rest = rest.strip_prefix('/').unwrap_or(rest);
-            let renamed = if upstream.is_empty() {
+            let renamed = if names.upstream.is_empty() {
                 rest.to_string()
             } else {
-                format!("{upstream}/{rest}")
+                format!("{}/{rest}", names.upstream)
             };
-            Ok(with_field1(&fields, &renamed))
+            Ok(with_field(&fields, 1, renamed.as_bytes()))
+        }
+    }
+}
+
+/// An Operation with its name under the public instance.
+fn public_operation(msg: &[u8], names: &Names) -> Result<Vec<u8>, Status> {
+    let fields = fields(msg)?;
+    match last_string(&fields, 1)? {
+        Some(name) if !name.is_empty() => Ok(with_field(
+            &fields,
+            1,
+            names.operation_to_public(name).as_bytes(),
+        )),
+        _ => Ok(msg.to_vec()),
+    }
+}
+
+fn rewrite_response(msg: &[u8], mode: ResponseMode, names: &Names) -> Result<Vec<u8>, Status> {
+    match mode {
+        ResponseMode::Operation => public_operation(msg, names),
+        ResponseMode::OperationList => {
+            let mut out = Vec::with_capacity(msg.len() + 64);
+            for (number, bytes) in fields(msg)? {
+                if number != 1 {
+                    out.extend_from_slice(bytes);
+                    continue;
+                }
+                let op = public_operation(payload(bytes)?, names)?;
+                prost::encoding::encode_key(
+                    1,
+                    prost::encoding::WireType::LengthDelimited,
+                    &mut out,
+                );
+                prost::encoding::encode_varint(op.len() as u64, &mut out);
+                out.extend_from_slice(&op);
+            }
+            Ok(out)
         }
     }
 }
@@ -295,7 +483,15 @@ mod tests {
     use super::*;
     use crate::proto::build::bazel::remote::execution::v2 as re;
     use crate::proto::google::bytestream as bs;
+    use crate::proto::google::longrunning as lro;
     use prost::Message;
+
+    fn names(public: &str, upstream: &str) -> Names {
+        Names {
+            public: public.into(),
+            upstream: upstream.into(),
+        }
+    }
 
     #[test]
     fn rewrites_instance_and_keeps_the_rest() {
@@ -307,7 +503,8 @@ mod tests {
             }],
             digest_function: 1,
         };
-        let out = rewrite_message(&req.encode_to_vec(), Mode::Instance, "").unwrap();
+        let out =
+            rewrite_message(&req.encode_to_vec(), Mode::Instance, &names("team-a", "")).unwrap();
         let back = re::FindMissingBlobsRequest::decode(&out[..]).unwrap();
         assert_eq!(back.instance_name, "");
         assert_eq!(back.blob_digests, req.blob_digests);
@@ -323,12 +520,21 @@ mod tests {
             finish_write: true,
             data: Bytes::from_static(b"x"),
         };
-        let out =
-            rewrite_message(&req.encode_to_vec(), Mode::Resource(Access::Write), "main").unwrap();
+        let out = rewrite_message(
+            &req.encode_to_vec(),
+            Mode::Resource(Access::Write),
+            &names("team-a", "main"),
+        )
+        .unwrap();
         let back = bs::WriteRequest::decode(&out[..]).unwrap();
         assert_eq!(back.resource_name, format!("main/uploads/u/blobs/{h}/0"));
         assert_eq!(back.data, req.data);
-        let out = rewrite_message(&req.encode_to_vec(), Mode::Resource(Access::Write), "").unwrap();
+        let out = rewrite_message(
+            &req.encode_to_vec(),
+            Mode::Resource(Access::Write),
+            &names("team-a", ""),
+        )
+        .unwrap();
         let back = bs::WriteRequest::decode(&out[..]).unwrap();
         assert_eq!(back.resource_name, format!("uploads/u/blobs/{h}/0"));
         // A later message without a name is unchanged.
@@ -338,14 +544,116 @@ mod tests {
         }
         .encode_to_vec();
         assert_eq!(
-            rewrite_message(&later, Mode::Resource(Access::Write), "main").unwrap(),
+            rewrite_message(
+                &later,
+                Mode::Resource(Access::Write),
+                &names("team-a", "main")
+            )
+            .unwrap(),
             later
         );
-        assert!(rewrite_message(&[0xff], Mode::Instance, "x").is_err());
+        assert!(rewrite_message(&[0xff], Mode::Instance, &names("a", "x")).is_err());
         assert_eq!(
             mode_of("/google.bytestream.ByteStream/Read"),
             Some(Mode::Resource(Access::Read))
         );
-        assert_eq!(mode_of("/google.longrunning.Operations/GetOperation"), None);
+        assert_eq!(
+            mode_of("/google.longrunning.Operations/GetOperation"),
+            Some(Mode::Operation)
+        );
+        assert_eq!(mode_of("/grpc.health.v1.Health/Check"), None);
+    }
+
+    #[test]
+    fn operation_names_in_requests_name_the_upstream() {
+        for (public, upstream, asked, sent) in [
+            ("team-a", "", "team-a/op-1", "op-1"),
+            ("team-a", "main", "team-a/op-1", "main/op-1"),
+            ("", "main", "op-1", "main/op-1"),
+            ("team-a/x", "a/b", "team-a/x/op-1", "a/b/op-1"),
+        ] {
+            let n = names(public, upstream);
+            let req = lro::GetOperationRequest { name: asked.into() };
+            let out = rewrite_message(&req.encode_to_vec(), Mode::Operation, &n).unwrap();
+            assert_eq!(
+                lro::GetOperationRequest::decode(&out[..]).unwrap().name,
+                sent
+            );
+        }
+        let req = lro::ListOperationsRequest {
+            name: "team-a".into(),
+            filter: "stage=QUEUED".into(),
+            page_size: 5,
+            page_token: "t".into(),
+            ..Default::default()
+        };
+        let out = rewrite_message(
+            &req.encode_to_vec(),
+            Mode::ListOperations,
+            &names("team-a", ""),
+        )
+        .unwrap();
+        let back = lro::ListOperationsRequest::decode(&out[..]).unwrap();
+        assert_eq!(back.name, "");
+        assert_eq!(
+            (
+                back.filter.as_str(),
+                back.page_size,
+                back.page_token.as_str()
+            ),
+            ("stage=QUEUED", 5, "t")
+        );
+    }
+
+    #[test]
+    fn operation_names_in_responses_name_the_public_instance() {
+        let n = names("team-a", "");
+        let op = lro::Operation {
+            name: "8f2e-uuid".into(),
+            done: true,
+            metadata: Some(prost_types::Any {
+                type_url: "x".into(),
+                value: vec![1, 2, 3],
+            }),
+            result: None,
+        };
+        let out = rewrite_response(&op.encode_to_vec(), ResponseMode::Operation, &n).unwrap();
+        let back = lro::Operation::decode(&out[..]).unwrap();
+        assert_eq!(back.name, "team-a/8f2e-uuid");
+        assert_eq!((back.done, back.metadata), (true, op.metadata.clone()));
+
+        let n = names("team-a", "main");
+        let list = lro::ListOperationsResponse {
+            operations: vec![
+                lro::Operation {
+                    name: "main/op-1".into(),
+                    ..Default::default()
+                },
+                lro::Operation {
+                    name: "main/op-2".into(),
+                    done: true,
+                    ..Default::default()
+                },
+            ],
+            next_page_token: "next".into(),
+            unreachable: vec!["elsewhere".into()],
+        };
+        let out = rewrite_response(&list.encode_to_vec(), ResponseMode::OperationList, &n).unwrap();
+        let back = lro::ListOperationsResponse::decode(&out[..]).unwrap();
+        let got: Vec<_> = back
+            .operations
+            .iter()
+            .map(|o| (o.name.as_str(), o.done))
+            .collect();
+        assert_eq!(got, [("team-a/op-1", false), ("team-a/op-2", true)]);
+        assert_eq!(back.next_page_token, "next");
+        assert_eq!(back.unreachable, ["elsewhere"]);
+        // A name-less operation stays as it is; garbage is an error, not a panic.
+        let empty = lro::Operation::default().encode_to_vec();
+        assert_eq!(
+            rewrite_response(&empty, ResponseMode::Operation, &n).unwrap(),
+            empty
+        );
+        assert!(rewrite_response(&[0x0a, 0x05, 1], ResponseMode::OperationList, &n).is_err());
     }
 }
