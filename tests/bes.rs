@@ -583,6 +583,53 @@ async fn suite_postgres_store() {
     .await;
 }
 
+/// A stream the memory store evicts while its call is still writing it (the
+/// budget is taken by a newer stream) ends with FAILED_PRECONDITION saying
+/// so, not with a sequence gap the client did not make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_evicted_while_being_written_is_told_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = loopback_config("", "build-events:\n  store: memory\n  max-bytes: 64K\n");
+    let server = TestServer::start(&yaml, dir.path()).await;
+    let ch = plain_channel(server.tcp()).await;
+    // Events of about 4 KiB: five take some 20 KiB of the 64 KiB budget.
+    let event = |stream: &StreamId, seq: i64, size: usize| PublishBuildToolEventStreamRequest {
+        ordered_build_event: Some(ordered(stream, seq, bazel(&vec![b'x'; size]))),
+        project_id: "team-a".into(),
+        ..Default::default()
+    };
+    let ts = sid(&unique("evicted"), "inv", TOOL);
+    let all: Vec<_> = (1..=10).map(|seq| event(&ts, seq, 4000)).collect();
+    let (tx, rx) = mpsc::channel(16);
+    for m in &all[..5] {
+        tx.send(m.clone()).await.unwrap();
+    }
+    let mut acks = PublishBuildEventClient::new(ch.clone())
+        .publish_build_tool_event_stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for seq in 1..=5 {
+        assert_eq!(acks.message().await.unwrap().unwrap().sequence_number, seq);
+    }
+
+    // Another build's stream of 6 x 8000 bytes fits the budget only without
+    // the first one, which is idle: it is evicted.
+    let other = sid(&unique("filler"), "inv", TOOL);
+    let filler: Vec<_> = (1..=6).map(|seq| event(&other, seq, 8000)).collect();
+    let (filled, end) = publish_stream(&ch, filler).await;
+    end.unwrap();
+    assert_eq!(filled, (1..=6).collect::<Vec<_>>());
+
+    tx.send(all[5].clone()).await.unwrap();
+    let err = acks.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("evicted"), "{}", err.message());
+    assert!(err.message().contains("max-bytes"), "{}", err.message());
+    drop(tx);
+    server.stop().await;
+}
+
 /// Two gateways sharing one PostgreSQL store: a stream started on one and
 /// retransmitted to both ends up with every event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

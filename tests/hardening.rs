@@ -1,7 +1,8 @@
 //! Limits that keep the gateway responsive under pressure: requests beyond
 //! `limits.max-concurrent-requests` are shed at once, connections beyond
 //! `limits.max-connections` are closed at once, and both recover when load
-//! goes down.
+//! goes down; the memory stores stay within their budgets under a flood of
+//! streams; a slow key server does not stall or weaken token checks.
 
 mod common;
 
@@ -598,4 +599,509 @@ async fn a_trickled_first_message_times_out() {
         .unwrap();
     assert_eq!(ok.0, Code::Ok, "{ok:?}");
     server.stop().await;
+}
+
+/// A memory figure of a process from `/proc/PID/status`, in bytes: `VmHWM:`
+/// (the peak resident set so far) or `VmRSS:` (the current one).
+fn proc_memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kib * 1024
+}
+
+const MIB: u64 = 1 << 20;
+
+fn rand_u64() -> u64 {
+    u64::from_le_bytes(jwks_server::random_bytes(8).try_into().unwrap())
+}
+
+/// Uploads `data` on one ByteStream Write call to `team-a`, in 64 KiB
+/// messages as Bazel does; returns the committed size.
+async fn write_blob(
+    ch: tonic::transport::Channel,
+    data: bytes::Bytes,
+) -> Result<i64, tonic::Status> {
+    use gridgate::proto::google::bytestream as bs;
+    use gridgate::reapi::digest::BlobKey;
+    let key = BlobKey::of(&data);
+    let name = format!(
+        "team-a/uploads/{:016x}/blobs/{}/{}",
+        rand_u64(),
+        key.hex(),
+        key.size
+    );
+    let chunk = 64 * 1024;
+    let messages: Vec<bs::WriteRequest> = (0..data.len())
+        .step_by(chunk)
+        .map(|offset| {
+            let end = (offset + chunk).min(data.len());
+            bs::WriteRequest {
+                resource_name: if offset == 0 {
+                    name.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: offset as i64,
+                finish_write: end == data.len(),
+                data: data.slice(offset..end),
+            }
+        })
+        .collect();
+    bs::byte_stream_client::ByteStreamClient::new(ch)
+        .write(tokio_stream::iter(messages))
+        .await
+        .map(|r| r.into_inner().committed_size)
+}
+
+/// Publishes one tool event stream of `events` events (the last one finishes
+/// the stream) with `payload` in each, reading the acks as they come; returns
+/// how many were acknowledged, in order.
+async fn publish_tool_stream(
+    ch: tonic::transport::Channel,
+    build_id: String,
+    events: i64,
+    payload: Vec<u8>,
+) -> Result<i64, tonic::Status> {
+    use gridgate::proto::google::devtools::build::v1::{
+        build_event, publish_build_event_client::PublishBuildEventClient, BuildEvent,
+        OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
+    };
+    let stream = StreamId {
+        build_id,
+        invocation_id: "invocation".into(),
+        component: 3, // TOOL
+    };
+    let requests = (1..=events).map(move |seq| {
+        let event = if seq == events {
+            build_event::Event::ComponentStreamFinished(build_event::BuildComponentStreamFinished {
+                r#type: 1,
+            })
+        } else {
+            build_event::Event::BazelEvent(prost_types::Any {
+                type_url: "type.googleapis.com/build_event_stream.BuildEvent".into(),
+                value: payload.clone(),
+            })
+        };
+        PublishBuildToolEventStreamRequest {
+            ordered_build_event: Some(OrderedBuildEvent {
+                stream_id: Some(stream.clone()),
+                sequence_number: seq,
+                event: Some(BuildEvent {
+                    event_time: None,
+                    event: Some(event),
+                }),
+            }),
+            project_id: "team-a".into(),
+            ..Default::default()
+        }
+    });
+    let mut acks = PublishBuildEventClient::new(ch)
+        .publish_build_tool_event_stream(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut acked = 0;
+    while let Some(ack) = acks.message().await? {
+        acked += 1;
+        assert_eq!(ack.sequence_number, acked, "acks in order");
+    }
+    Ok(acked)
+}
+
+/// A flood of concurrent uploads and build event streams, many times larger
+/// than the stores' budgets, from several connections at once: every call is
+/// answered (stored, or refused with a status that says why), the process's
+/// peak memory stays within the budgets plus a fixed overhead, and the
+/// gateway keeps serving afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bes_and_cas_memory_stay_within_budget_under_a_flood_of_streams() {
+    use gridgate::proto::build::bazel::remote::execution::v2 as re;
+    use gridgate::proto::google::bytestream as bs;
+    use gridgate::proto::gridgate::v1 as gg;
+    use gridgate::reapi::digest::BlobKey;
+    use jwks_server::random_bytes;
+
+    const CAS_BUDGET: u64 = 32 * MIB;
+    const BES_BUDGET: u64 = 16 * MIB;
+    const CALLS: usize = 200; // of each kind
+    const BLOB_BYTES: usize = 1 << 20;
+    const EVENTS: i64 = 512;
+    const EVENT_PAYLOAD: usize = 2048; // about 1 MiB per build event stream
+    const CONNECTIONS: usize = 8;
+    const CALL_LIMIT: Duration = Duration::from_secs(180);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gridgate.yaml");
+    std::fs::write(
+        &config,
+        loopback_config(
+            "",
+            "authorization:\n  method: none\ninstances:\n  - name: team-a\n    cas: { backend: memory, max-bytes: 32M }\nbuild-events:\n  store: memory\n  max-bytes: 16M\n",
+        ),
+    )
+    .unwrap();
+    let mut bin = Binary::start(&["serve", "--config", config.to_str().unwrap()]);
+    let addr = tokio::task::block_in_place(|| bin.listening_addr());
+    let pid = bin.child.id();
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(plain_channel(addr).await);
+    }
+    health_check(channels[0].clone()).await.unwrap();
+    let idle_rss = proc_memory(pid, "VmRSS:");
+
+    // Everything at once: 200 uploads of distinct random 1 MiB blobs and 200
+    // event streams of 512 events, spread over the connections.
+    let started = std::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    let mut blobs = Vec::new();
+    for i in 0..CALLS {
+        let blob = bytes::Bytes::from(random_bytes(BLOB_BYTES));
+        blobs.push(BlobKey::of(&blob));
+        let ch = channels[i % CONNECTIONS].clone();
+        calls.spawn(async move {
+            let result = tokio::time::timeout(CALL_LIMIT, write_blob(ch, blob)).await;
+            (
+                "Write",
+                result.map(|r| r.map(|size| size == BLOB_BYTES as i64)),
+            )
+        });
+        let ch = channels[(i + CONNECTIONS / 2) % CONNECTIONS].clone();
+        let build = format!("flood-{i}-{:x}", rand_u64());
+        calls.spawn(async move {
+            let publish = publish_tool_stream(ch, build, EVENTS, random_bytes(EVENT_PAYLOAD));
+            let result = tokio::time::timeout(CALL_LIMIT, publish).await;
+            ("Publish", result.map(|r| r.map(|acked| acked == EVENTS)))
+        });
+    }
+    let mut outcomes: std::collections::HashMap<(&str, Code), usize> = Default::default();
+    let mut messages = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        let (rpc, result) = joined.unwrap();
+        let code = match result {
+            Err(_) => panic!("a {rpc} call got no answer within {CALL_LIMIT:?}"),
+            Ok(Ok(complete)) => {
+                assert!(complete, "{rpc} ended OK without storing everything");
+                Code::Ok
+            }
+            Ok(Err(status)) => {
+                messages.push(format!("{rpc}: {:?} {}", status.code(), status.message()));
+                status.code()
+            }
+        };
+        *outcomes.entry((rpc, code)).or_default() += 1;
+    }
+    let flood_time = started.elapsed();
+    let peak = proc_memory(pid, "VmHWM:");
+    eprintln!(
+        "flood of {} calls answered in {flood_time:?}: {outcomes:?}; server RSS idle {} MiB, peak {} MiB",
+        2 * CALLS,
+        idle_rss / MIB,
+        peak / MIB
+    );
+
+    // Uploads are stored, or refused at once when uploads in progress hold
+    // the whole CAS budget (Bazel retries RESOURCE_EXHAUSTED). Event streams
+    // are stored, or end when the store had to evict them to take newer
+    // events (or, for a stream that alone outgrows the budget, when it is
+    // full).
+    for ((rpc, code), count) in &outcomes {
+        let allowed = match *rpc {
+            "Write" => matches!(code, Code::Ok | Code::ResourceExhausted),
+            _ => matches!(
+                code,
+                Code::Ok | Code::FailedPrecondition | Code::ResourceExhausted
+            ),
+        };
+        assert!(allowed, "{count} {rpc} calls ended {code:?}: {messages:#?}");
+    }
+    for m in &messages {
+        assert!(
+            (m.starts_with("Write: ResourceExhausted") && m.contains("CAS budget"))
+                || (m.starts_with("Publish: FailedPrecondition") && m.contains("evicted"))
+                || (m.starts_with("Publish: ResourceExhausted") && m.contains("max-bytes")),
+            "{m}"
+        );
+    }
+    assert!(outcomes.contains_key(&("Write", Code::Ok)), "{outcomes:?}");
+    assert!(
+        outcomes.contains_key(&("Publish", Code::Ok)),
+        "{outcomes:?}"
+    );
+
+    // What the stores hold is within their budgets.
+    let missing = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+        channels[0].clone(),
+    )
+    .find_missing_blobs(re::FindMissingBlobsRequest {
+        instance_name: "team-a".into(),
+        blob_digests: blobs.iter().map(BlobKey::to_digest).collect(),
+        digest_function: 0,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .missing_blob_digests
+    .len();
+    let held = (CALLS - missing) as u64;
+    assert!(held * BLOB_BYTES as u64 <= CAS_BUDGET, "{held} blobs held");
+    let mut chunks = gg::build_events_client::BuildEventsClient::new(channels[0].clone())
+        .query_event_streams(gg::QueryEventStreamsRequest {
+            build_id_pattern: "^flood-".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut event_bytes = 0;
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        event_bytes += chunk
+            .events
+            .iter()
+            .map(|e| prost::Message::encoded_len(e) as u64)
+            .sum::<u64>();
+    }
+    assert!(
+        event_bytes <= BES_BUDGET,
+        "{event_bytes} bytes of events held"
+    );
+    eprintln!(
+        "held afterwards: {held} blobs, {} KiB of build events",
+        event_bytes / 1024
+    );
+
+    // The peak resident memory of the whole process: the budgets plus what
+    // it takes besides them. Measured with this test (debug build, 2 cores,
+    // the other tests of this file running beside it): 28 MiB idle, peaks of
+    // 109-111 MiB, so 61-63 MiB over the 48 MiB of budgets: the idle process,
+    // and the in-flight state of 400 streams on 8 connections (HTTP/2
+    // windows of 1 MiB per connection, decode buffers, BES read-ahead,
+    // allocator slack). Uploads alone peaked at 80 MiB, event streams alone
+    // at 71 MiB. The bound allows about twice the measured overhead; a store
+    // that kept every blob or every event (200 MiB each) cannot stay under it.
+    const OVERHEAD: u64 = 120 * MIB;
+    assert!(
+        peak < CAS_BUDGET + BES_BUDGET + OVERHEAD,
+        "peak RSS {} MiB over the budgets of {} MiB + {} MiB",
+        peak / MIB,
+        (CAS_BUDGET + BES_BUDGET) / MIB,
+        OVERHEAD / MIB
+    );
+
+    // Still serving: a new blob is stored and read back whole, health answers.
+    let last = bytes::Bytes::from(random_bytes(BLOB_BYTES));
+    let size = write_blob(channels[1].clone(), last.clone()).await.unwrap();
+    assert_eq!(size, BLOB_BYTES as i64);
+    let key = BlobKey::of(&last);
+    let mut read = bs::byte_stream_client::ByteStreamClient::new(channels[2].clone())
+        .read(bs::ReadRequest {
+            resource_name: format!("team-a/blobs/{}/{}", key.hex(), key.size),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(part) = read.message().await.unwrap() {
+        back.extend_from_slice(&part.data);
+    }
+    assert!(back == last, "the blob read back differs");
+    assert_eq!(
+        health_check(plain_channel(addr).await).await.unwrap(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    drop(channels);
+    bin.signal("TERM");
+    let code = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(30)));
+    assert_eq!(code, Some(0), "{:#?}", bin.seen);
+}
+
+/// After start-up the key server turns slow (each answer takes longer than
+/// gridgate's fetch time limit): tokens of the keys already fetched keep
+/// being accepted without waiting for it, a token naming an unknown `kid` is
+/// refused within about the fetch time limit, and once the key server answers
+/// again with a rotated key set, the new key is accepted and the old one no
+/// longer is. Tokens signed by keys the issuer never published, or not signed
+/// at all, are refused throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_key_server_after_start_up_keeps_cached_keys_working() {
+    use jsonwebtoken::Algorithm;
+    use jwks_server::{claims, unsigned_token, Behavior, JwksServer, TestKey};
+    use std::time::Instant;
+
+    // The time limit of one key set fetch (`JwksSettings::DEFAULT_TIMEOUT`;
+    // the config has no key for it).
+    const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+    // A call that needs no fetch is answered well within this.
+    const PROMPT: Duration = Duration::from_secs(3);
+
+    let k1 = TestKey::rsa(Algorithm::RS256, "k1");
+    let k2 = TestKey::rsa(Algorithm::RS256, "k2");
+    // Keys the issuer never publishes, under the kids it does use.
+    let forged_k1 = TestKey::rsa(Algorithm::RS256, "k1");
+    let forged_k2 = TestKey::rsa(Algorithm::RS256, "k2");
+    let jwks = JwksServer::start(&[&k1]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gridgate.yaml");
+    std::fs::write(
+        &config,
+        loopback_config(
+            "",
+            &format!(
+                "authorization:\n  method: jwt\n  algorithm: rs256\n  jwks-url: \"{}\"\n  audience: gridgate\n  jwks-refetch-min-seconds: 1\ninstances:\n  - name: team-a\n    cas: {{ backend: memory, max-bytes: 1M }}\n",
+                jwks.url()
+            ),
+        ),
+    )
+    .unwrap();
+    let mut bin = Binary::start(&["serve", "--config", config.to_str().unwrap()]);
+    let addr = tokio::task::block_in_place(|| bin.listening_addr());
+    let ch = plain_channel(addr).await;
+
+    // Each token has its own subject, so that none is answered from the
+    // verified-token cache unless the test means it to be.
+    let serial = std::sync::atomic::AtomicU64::new(0);
+    let token = |key: &TestKey| {
+        let n = serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        key.sign(&claims(
+            "https://ci.example",
+            "gridgate",
+            &format!("ci-{n}"),
+        ))
+    };
+    let unsigned = || {
+        unsigned_token(
+            &serde_json::json!({"alg": "none", "kid": "k1"}),
+            &claims("https://ci.example", "gridgate", "nobody"),
+            "",
+        )
+    };
+    // FindMissingBlobs on team-a: OK once the Gate admits the caller.
+    let call = |token: String| {
+        let ch = ch.clone();
+        async move {
+            raw_unary(
+                ch,
+                FMB,
+                bytes::Bytes::from_static(b"\x0a\x06team-a"),
+                &[("authorization", format!("Bearer {token}"))],
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    let accepted = |token: String, what: &'static str| {
+        let call = call(token);
+        async move {
+            tokio::time::timeout(PROMPT, call)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: not answered within {PROMPT:?}"))
+                .unwrap_or_else(|e| panic!("{what}: refused: {e:?}"));
+        }
+    };
+    let refused = |token: String, what: &'static str| {
+        let call = call(token);
+        async move {
+            let e = tokio::time::timeout(PROMPT, call)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: not answered within {PROMPT:?}"))
+                .expect_err(what);
+            assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        }
+    };
+
+    // Start-up: health is SERVING once the key set has arrived. (Waiting on
+    // health rather than on a token: a token refused before that would spend
+    // the rate-limited refetch the unknown kid below is meant to trigger.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health_check(ch.clone()).await.ok()
+        != Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    {
+        assert!(Instant::now() < deadline, "keys never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cached = token(&k1);
+    accepted(cached.clone(), "k1 token").await;
+    refused(token(&forged_k1), "forged k1 token").await;
+    refused(unsigned(), "unsigned token").await;
+
+    // The key server turns slow. Unknown kids (k2 is not published yet, the
+    // forged one never will be) trigger one fetch, which they share.
+    jwks.set_behavior(Behavior::Delay(FETCH_TIMEOUT * 3));
+    let fetches_before = jwks.requests();
+    let slow_started = Instant::now();
+    let unknown = tokio::spawn(call(token(&k2)));
+    let forged_unknown = tokio::spawn(call(token(&forged_k2)));
+    assert!(
+        jwks.wait_for_requests(fetches_before + 1, Duration::from_secs(10))
+            .await,
+        "an unknown kid triggers a fetch"
+    );
+    // While that fetch hangs, the cached key is used without waiting for it.
+    accepted(token(&k1), "k1 token during a slow fetch").await;
+    assert!(
+        !unknown.is_finished(),
+        "the fetch ended before its time limit: {:?}",
+        slow_started.elapsed()
+    );
+    accepted(cached.clone(), "cached k1 token during a slow fetch").await;
+    refused(token(&forged_k1), "forged k1 token during a slow fetch").await;
+    refused(unsigned(), "unsigned token during a slow fetch").await;
+    for (task, what) in [(unknown, "k2 token"), (forged_unknown, "forged k2 token")] {
+        let e = tokio::time::timeout(FETCH_TIMEOUT * 2, task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: held by the slow fetch"))
+            .unwrap()
+            .expect_err(what);
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let waited = slow_started.elapsed();
+        eprintln!(
+            "{what} with an unknown kid refused after {waited:?}: {}",
+            e.message()
+        );
+        assert!(
+            waited < FETCH_TIMEOUT + Duration::from_secs(5),
+            "{what}: held {waited:?}"
+        );
+    }
+    assert_eq!(
+        jwks.requests(),
+        fetches_before + 1,
+        "the two unknown kids shared one fetch"
+    );
+    // The fetch failed; the keys fetched before are kept.
+    accepted(token(&k1), "k1 token after a failed fetch").await;
+    accepted(cached.clone(), "cached k1 token after a failed fetch").await;
+
+    // The issuer rotates to k2 and the key server is fast again: a k2 token
+    // brings the new key set (at most one refetch a second).
+    jwks.set_keys(&[&k2]);
+    jwks.set_behavior(Behavior::Serve);
+    let rotated = Instant::now();
+    let deadline = rotated + Duration::from_secs(30);
+    while let Err(e) = call(token(&k2)).await {
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the rotated key was never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("rotated key accepted after {:?}", rotated.elapsed());
+    accepted(token(&k2), "k2 token").await;
+    // k1 left the key set: its tokens, cached ones included, are refused.
+    refused(cached, "cached k1 token after the rotation").await;
+    refused(token(&k1), "k1 token after the rotation").await;
+    refused(token(&forged_k2), "forged k2 token").await;
+    refused(token(&forged_k1), "forged k1 token").await;
+    refused(unsigned(), "unsigned token").await;
+
+    bin.signal("TERM");
+    let code = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "{:#?}", bin.seen);
 }

@@ -34,6 +34,9 @@
 //!   resends from its first unacknowledged event, which is exactly where the
 //!   gap is, so retrying cannot help: a non-retried code fails the upload at
 //!   once instead of after four slow retries;
+//! - a stream the memory store evicted (to stay within `build-events.max-bytes`)
+//!   while this call was writing it: FAILED_PRECONDITION, saying so; its
+//!   acknowledged events are gone, so resending cannot help either;
 //! - a stream owned by another instance: PERMISSION_DENIED;
 //! - a full memory store: RESOURCE_EXHAUSTED; the database or disk failing:
 //!   UNAVAILABLE or INTERNAL. These are retried, and unacknowledged events are
@@ -243,6 +246,7 @@ impl PublishBuildEvent for PublishService {
                 acks,
                 first: None,
                 check_preceding: false,
+                acked: false,
             }
             .run(inbound, shared)
             .await;
@@ -293,6 +297,9 @@ struct ToolStream {
     /// The first message asked for `check_preceding_lifecycle_events_present`
     /// and it has not been checked yet.
     check_preceding: bool,
+    /// Whether an event of this call was acknowledged (so its stream was in
+    /// the store).
+    acked: bool,
 }
 
 /// One item read off the request stream by [`read_ahead`].
@@ -492,11 +499,21 @@ impl ToolStream {
                 // The client is gone; what was stored stays stored.
                 return None;
             }
+            self.acked = true;
         }
-        published
-            .rejection
-            .as_ref()
-            .map(|r| rejection_status(&stream, r))
+        published.rejection.as_ref().map(|r| match r {
+            // The stream was in the store earlier in this call and is gone
+            // now: the memory store evicted it between two batches. Not a gap
+            // the client made, and resending cannot bring it back.
+            Rejection::Gap { expected: 1, got } if self.acked => {
+                Status::failed_precondition(format!(
+                    "stream {stream} was evicted from the build event store while this call was \
+                     writing it (memory store full, build-events.max-bytes): events before \
+                     number {got} are lost and the stream cannot be continued"
+                ))
+            }
+            _ => rejection_status(&stream, r),
+        })
     }
 }
 
