@@ -55,7 +55,7 @@ pub struct JwksSettings {
     /// refused with "no keys available for issuer"). `None` keeps the last good keys
     /// for ever. Default 24 hours.
     pub max_staleness: Option<Duration>,
-    /// The least time between two fetches triggered by an unknown `kid`. Default 30 s.
+    /// The least time between two fetches triggered by an unknown `kid`. Default 10 s (as `jwks-refetch-min-seconds`).
     pub min_refetch_interval: Duration,
     /// The time limit of one fetch (connect, headers and body). Default 10 s.
     pub timeout: Duration,
@@ -67,7 +67,7 @@ impl JwksSettings {
     /// Default [`JwksSettings::max_staleness`].
     pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(24 * 3600);
     /// Default [`JwksSettings::min_refetch_interval`].
-    pub const DEFAULT_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
     /// Default [`JwksSettings::timeout`].
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 

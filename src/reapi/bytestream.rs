@@ -118,17 +118,18 @@ impl WriteFailure {
 }
 
 /// Feeds one message's data into the upload.
-async fn absorb(state: &mut UploadState, data: &[u8]) -> Result<(), WriteFailure> {
+async fn absorb(state: &mut UploadState, data: bytes::Bytes) -> Result<(), WriteFailure> {
+    let len = data.len() as u64;
     match state.decoder.as_mut() {
         None => state
             .writer
-            .write(data)
+            .write_bytes(data)
             .await
             .map_err(WriteFailure::fatal)?,
         Some(dec) => {
             let mut pos = 0;
             loop {
-                let out = dec.step(data, &mut pos).map_err(WriteFailure::fatal)?;
+                let out = dec.step(&data, &mut pos).map_err(WriteFailure::fatal)?;
                 let full = BoundedDecoder::is_full_step(out.len());
                 if !out.is_empty() {
                     state.writer.write(out).await.map_err(WriteFailure::fatal)?;
@@ -139,9 +140,7 @@ async fn absorb(state: &mut UploadState, data: &[u8]) -> Result<(), WriteFailure
             }
         }
     }
-    state
-        .received
-        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    state.received.fetch_add(len, Ordering::Relaxed);
     Ok(())
 }
 
@@ -178,8 +177,9 @@ async fn drive(
                 msg.write_offset
             ))));
         }
-        absorb(state, &msg.data).await?;
-        if msg.finish_write {
+        let finish = msg.finish_write;
+        absorb(state, msg.data).await?;
+        if finish {
             return Ok(Ended::Finished);
         }
     }

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 
+use super::hasher::UploadHasher;
 use super::lru::Lru;
 use super::{check_room, slice_stream, verify, BlobStore, BlobStream, BlobWriter, StoreError};
-use crate::reapi::digest::{BlobKey, Sha256};
+use crate::reapi::digest::BlobKey;
 
 /// An in-memory blob store.
 #[derive(Clone)]
@@ -83,7 +84,7 @@ impl BlobStore for MemoryStore {
             store: self.clone(),
             key,
             buf: BytesMut::with_capacity(capacity),
-            hasher: Sha256::new(),
+            hasher: Some(UploadHasher::for_size(key.size)),
             reserved: true,
         }))
     }
@@ -106,7 +107,8 @@ struct MemoryWriter {
     store: MemoryStore,
     key: BlobKey,
     buf: BytesMut,
-    hasher: Sha256,
+    /// `None` once committed.
+    hasher: Option<UploadHasher>,
     /// Whether the reservation is still held (released on drop).
     reserved: bool,
 }
@@ -115,9 +117,15 @@ struct MemoryWriter {
 impl BlobWriter for MemoryWriter {
     async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         check_room(&self.key, self.buf.len() as u64, data.len())?;
-        self.hasher.update(data);
+        self.hasher_mut()?.update(data).await?;
         self.buf.extend_from_slice(data);
         Ok(())
+    }
+
+    async fn write_bytes(&mut self, data: Bytes) -> Result<(), StoreError> {
+        check_room(&self.key, self.buf.len() as u64, data.len())?;
+        self.buf.extend_from_slice(&data);
+        self.hasher_mut()?.update_bytes(data).await
     }
 
     fn written(&self) -> u64 {
@@ -126,7 +134,11 @@ impl BlobWriter for MemoryWriter {
 
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         let size = self.buf.len() as u64;
-        let actual = std::mem::take(&mut self.hasher).finish(size);
+        let hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
+        let actual = hasher.finish(size).await?;
         verify(&self.key, &actual)?;
         let data = std::mem::take(&mut self.buf).freeze();
         self.reserved = false;
@@ -134,6 +146,14 @@ impl BlobWriter for MemoryWriter {
         // blob is stored and the reservation is settled.
         let _ = self.store.lock().insert_reserved(self.key, data);
         Ok(())
+    }
+}
+
+impl MemoryWriter {
+    fn hasher_mut(&mut self) -> Result<&mut UploadHasher, StoreError> {
+        self.hasher
+            .as_mut()
+            .ok_or_else(|| StoreError::Io("upload already finished".into()))
     }
 }
 

@@ -7,6 +7,7 @@
 //! empty blob is always present and never stored.
 
 pub mod disk;
+pub mod hasher;
 mod lru;
 pub mod measured;
 pub mod memory;
@@ -124,6 +125,12 @@ pub trait BlobStore: Send + Sync + 'static {
 pub trait BlobWriter: Send {
     /// Appends bytes; refuses to go past the key's size.
     async fn write(&mut self, data: &[u8]) -> Result<(), StoreError>;
+
+    /// Appends a reference-counted chunk; writers that can hold on to it
+    /// (e.g. to hash it on another thread) avoid a copy.
+    async fn write_bytes(&mut self, data: Bytes) -> Result<(), StoreError> {
+        self.write(&data).await
+    }
 
     /// Bytes written so far.
     fn written(&self) -> u64;
