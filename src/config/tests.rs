@@ -291,3 +291,48 @@ fn build_events_max_event_bytes() {
     let e = parse(&format!("{base}build-events:\n  max-event-bytes: lots\n")).unwrap_err();
     assert_eq!(e.key, "build-events.max-event-bytes");
 }
+
+/// Files named by a config that are FIFOs are refused with the key at fault,
+/// at once: opening one for reading would block start-up until a writer came.
+#[test]
+fn fifos_are_refused_without_blocking() {
+    const CHANNEL: &str =
+        "server:\n  - !channel\n    address: \"127.0.0.1:0\"\n    insecure-mode: true\n";
+    let dir = tempdir();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "mkfifo (coreutils) is needed for this test"
+    );
+    let base = dir.path().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let tag = parse_in(
+            &base,
+            &format!("{CHANNEL}monitoring:\n  enabled: true\n  endpoint-type: udp\n  endpoint-location: !read-file fifo\n"),
+        )
+        .map(|_| ());
+        let secret = parse_in(
+            &base,
+            &format!(
+                "{CHANNEL}authorization:\n  method: jwt\n  algorithm: hs256\n  secret: fifo\n"
+            ),
+        )
+        .map(|_| ());
+        let policy =
+            crate::gate::policy::Policy::load(&base.join("fifo"), &Default::default()).map(|_| ());
+        let _ = tx.send((tag, secret, policy));
+    });
+    let (tag, secret, policy) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("reading a FIFO blocked");
+    let tag = tag.unwrap_err();
+    assert!(tag.key.contains("endpoint-location"), "{tag}");
+    assert!(tag.reason.contains("not a regular file"), "{tag}");
+    let secret = secret.unwrap_err();
+    assert!(secret.key.contains("secret"), "{secret}");
+    assert!(secret.reason.contains("is not a file"), "{secret}");
+    let policy = policy.unwrap_err().to_string();
+    assert!(policy.contains("not a regular file"), "{policy}");
+}
