@@ -21,6 +21,14 @@ pub const ACTOR_HEADER: &str = "x-request-actor";
 pub const SUBJECT_HEADER: &str = "x-request-subject";
 pub const WORKFLOW_HEADER: &str = "x-request-workflow";
 
+/// The caller's credentials and self-asserted identity: never passed on.
+pub const CALLER_HEADERS: [&str; 4] = [
+    "authorization",
+    ACTOR_HEADER,
+    SUBJECT_HEADER,
+    WORKFLOW_HEADER,
+];
+
 /// Why a request's credentials were not accepted. Messages are safe to return
 /// to the caller: they never contain a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,12 +176,7 @@ pub fn identify_headers(
 /// (The verified identity travels in the request's `Admission`; an upstream is
 /// sent it as `x-request-*` headers when the request is forwarded.)
 pub fn strip_caller_credentials(headers: &mut HeaderMap) {
-    for name in [
-        http::header::AUTHORIZATION.as_str(),
-        ACTOR_HEADER,
-        SUBJECT_HEADER,
-        WORKFLOW_HEADER,
-    ] {
+    for name in CALLER_HEADERS {
         headers.remove(name);
     }
 }

@@ -48,16 +48,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::config::{Config, InstanceBackend, UpstreamConfig};
 use crate::gate::admission::Admission;
+use crate::gate::authn::{ACTOR_HEADER, CALLER_HEADERS, SUBJECT_HEADER, WORKFLOW_HEADER};
 
 mod rewrite;
-
-/// Headers a caller may not pass upstream.
-const STRIPPED: [&str; 4] = [
-    "authorization",
-    "x-request-actor",
-    "x-request-subject",
-    "x-request-workflow",
-];
 
 /// Why an upstream could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +150,7 @@ impl Upstream {
     ) -> Result<(http::Request<Body>, Option<rewrite::ResponseRewrite>), tonic::Status> {
         let admission = req.extensions().get::<Admission>().cloned();
         let headers = req.headers_mut();
-        for h in STRIPPED {
+        for h in CALLER_HEADERS {
             headers.remove(h);
         }
         for (k, v) in &self.inner.headers {
@@ -166,9 +159,9 @@ impl Upstream {
         if let Some(a) = admission {
             let id = &a.identity;
             for (name, value) in [
-                ("x-request-actor", &id.actor),
-                ("x-request-subject", &id.subject),
-                ("x-request-workflow", &id.workflow),
+                (ACTOR_HEADER, &id.actor),
+                (SUBJECT_HEADER, &id.subject),
+                (WORKFLOW_HEADER, &id.workflow),
             ] {
                 if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
                     headers.insert(name, v);
