@@ -83,6 +83,31 @@ fn blob(size: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Busy and total jiffies of the whole machine (Linux `/proc/stat`), to tell
+/// whether a phase had the CPUs to itself or was short of them.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Percent of all CPUs busy between two `cpu_jiffies` readings.
+fn busy_pct(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> String {
+    match (a, b) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            format!("{:.0}%", (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64)
+        }
+        _ => "?".into(),
+    }
+}
+
 fn mbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -151,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
                 data: data.slice(start..end),
             }
         });
+        let c0 = cpu_jiffies();
         let t = Instant::now();
         let resp = client
             .write(tokio_stream::iter(requests))
@@ -158,10 +184,12 @@ async fn main() -> anyhow::Result<()> {
             .context("Write")?
             .into_inner();
         let write_time = t.elapsed();
+        let write_busy = busy_pct(c0, cpu_jiffies());
         if resp.committed_size != a.size as i64 {
             bail!("committed_size {} != {}", resp.committed_size, a.size);
         }
 
+        let c0 = cpu_jiffies();
         let t = Instant::now();
         let mut stream = client
             .read(bs::ReadRequest {
@@ -178,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
             parts.push(msg.data);
         }
         let read_time = t.elapsed();
+        let read_busy = busy_pct(c0, cpu_jiffies());
         let mut hasher = gridgate::reapi::digest::Sha256::new();
         let mut got = 0usize;
         for p in &parts {
@@ -189,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let (w, r) = (mbps(a.size, write_time), mbps(a.size, read_time));
         println!(
-            "{} rep={rep}: write {w:.0} MB/s ({:.3} s), read {r:.0} MB/s ({:.3} s), {} bytes, chunk {}",
+            "{} rep={rep}: write {w:.0} MB/s ({:.3} s, CPUs {write_busy} busy), read {r:.0} MB/s ({:.3} s, CPUs {read_busy} busy), {} bytes, chunk {}",
             a.label,
             write_time.as_secs_f64(),
             read_time.as_secs_f64(),

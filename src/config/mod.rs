@@ -376,6 +376,18 @@ impl Default for BuildEventsLimits {
     }
 }
 
+/// The largest HTTP/2 frame gridgate lets a client send, by default. HTTP/2's
+/// own default is 16 KiB, which cuts a 1 MiB ByteStream Write message into 64
+/// frames, each received, woken for and copied on its own; 256 KiB frames cut
+/// that per-frame work by 16 (bench/RESULTS.md, "ByteStream write: larger
+/// HTTP/2 frames"). A frame is read whole before it is used, so this is also
+/// the most a connection buffers for one incomplete frame; the 1 MiB
+/// connection flow-control window bounds the data in flight either way.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 256 * 1024;
+/// HTTP/2's bounds for SETTINGS_MAX_FRAME_SIZE (RFC 9113, section 6.5.2).
+pub const MIN_FRAME_BYTES: u32 = 16 * 1024;
+pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
+
 /// Connection and request limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
@@ -387,6 +399,8 @@ pub struct LimitsConfig {
     pub max_concurrent_streams: u32,
     /// HTTP/2 header list size (bytes).
     pub max_header_list_size: u32,
+    /// Largest HTTP/2 frame a client may send (SETTINGS_MAX_FRAME_SIZE).
+    pub max_frame_size: u32,
     /// HTTP/2 keepalive ping interval.
     pub keepalive_interval: Duration,
     /// Close the connection when a keepalive ping is not answered in this time.
@@ -411,6 +425,7 @@ impl Default for LimitsConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             max_concurrent_streams: 1024,
             max_header_list_size: 16 * 1024,
+            max_frame_size: DEFAULT_MAX_FRAME_BYTES,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
             max_message_bytes: 4 * 1024 * 1024,
@@ -1484,6 +1499,7 @@ impl Validator {
             tls_handshake_timeout: secs(l.tls_handshake_timeout_seconds, d.tls_handshake_timeout),
             max_concurrent_streams: l.max_concurrent_streams.unwrap_or(d.max_concurrent_streams),
             max_header_list_size: l.max_header_list_bytes.unwrap_or(d.max_header_list_size),
+            max_frame_size: l.max_frame_bytes.unwrap_or(d.max_frame_size),
             keepalive_interval: secs(l.keepalive_interval_seconds, d.keepalive_interval),
             keepalive_timeout: secs(l.keepalive_timeout_seconds, d.keepalive_timeout),
             max_message_bytes: l.max_message_bytes.unwrap_or(d.max_message_bytes),
@@ -1504,6 +1520,16 @@ impl Validator {
         }
         if out.max_concurrent_streams == 0 {
             return Err(self.err("limits.max-concurrent-streams", "must be at least 1"));
+        }
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&out.max_frame_size) {
+            return Err(self.err(
+                "limits.max-frame-bytes",
+                &format!(
+                    "must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES} \
+                     (HTTP/2's limits for SETTINGS_MAX_FRAME_SIZE), not {}",
+                    out.max_frame_size
+                ),
+            ));
         }
         if out.tls_handshake_timeout.is_zero() {
             return Err(self.err("limits.tls-handshake-timeout-seconds", "must be at least 1"));

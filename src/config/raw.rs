@@ -191,6 +191,7 @@ pub struct RawLimits {
     pub tls_handshake_timeout_seconds: Option<u64>,
     pub max_concurrent_streams: Option<u32>,
     pub max_header_list_bytes: Option<u32>,
+    pub max_frame_bytes: Option<u32>,
     pub keepalive_interval_seconds: Option<u64>,
     pub keepalive_timeout_seconds: Option<u64>,
     pub max_message_bytes: Option<usize>,

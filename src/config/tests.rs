@@ -292,6 +292,21 @@ fn build_events_max_event_bytes() {
     assert_eq!(e.key, "build-events.max-event-bytes");
 }
 
+#[test]
+fn max_frame_bytes_within_http2_bounds() {
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    assert_eq!(parse(base).unwrap().limits.max_frame_size, 256 * 1024);
+    let c = parse(&format!("{base}limits:\n  max-frame-bytes: 16384\n")).unwrap();
+    assert_eq!(c.limits.max_frame_size, 16384);
+    let c = parse(&format!("{base}limits:\n  max-frame-bytes: 16777215\n")).unwrap();
+    assert_eq!(c.limits.max_frame_size, 16_777_215);
+    for bad in ["16383", "16777216"] {
+        let e = parse(&format!("{base}limits:\n  max-frame-bytes: {bad}\n")).unwrap_err();
+        assert_eq!(e.key, "limits.max-frame-bytes");
+        assert!(e.reason.contains(bad), "{}", e.reason);
+    }
+}
+
 /// Files named by a config that are FIFOs are refused with the key at fault,
 /// at once: opening one for reading would block start-up until a writer came.
 #[test]

@@ -271,6 +271,7 @@ impl Gateway {
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .max_concurrent_streams(Some(limits.max_concurrent_streams))
             .http2_max_header_list_size(Some(limits.max_header_list_size))
+            .max_frame_size(Some(limits.max_frame_size))
             .layer(
                 GateLayer::new(gate.clone(), upstreams)
                     .with_max_in_flight(limits.max_concurrent_requests),
