@@ -14,6 +14,11 @@
 #               monitoring: section pushing StatsD lines over UDP to a local sink
 #   e.g. CASES="jwt jwt+metrics" bench/gate_h2load.sh 10   (the cost of monitoring)
 #
+# CALLGRIND=N runs each server under valgrind's callgrind instead and counts the
+# instructions the server executes for N requests (after a warm-up), per
+# request: a figure that does not move with other work on the machine, unlike
+# req/s. E.g. CALLGRIND=20000 REPS=1 bench/gate_h2load.sh
+#
 # Prints one line per run and a median summary per case. h2load only sees the
 # HTTP status, so a probe with nghttp first checks that the call really returns
 # grpc-status 0 in both modes, and every run's response byte count is compared
@@ -40,6 +45,12 @@ work="$(mktemp -d)"
 cleanup() { for p in $(jobs -p); do kill "$p" 2>/dev/null; done; rm -rf "$work"; }
 trap cleanup EXIT
 ./target/release/examples/make_load "$work" main
+cg="${CALLGRIND:-}"
+if [[ -n "$cg" ]]; then
+  command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
+  srv=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
+  cli=()
+fi
 
 cat > "$work/acl.yaml" <<'YAML'
 main:
@@ -75,7 +86,7 @@ declare -A port pids
 start() { # mode
   "${srv[@]}" ./target/release/gridgate --log warn,gridgate::server=info,gridgate::metrics=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
   pids[$1]=$!
-  for _ in $(seq 100); do
+  for _ in $(seq 600); do
     port[$1]="$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/$1.log" | head -1 | sed 's/.*://')" || true
     [[ -n "${port[$1]:-}" ]] && return 0
     sleep 0.1
@@ -95,6 +106,10 @@ run_case() { # mode streams rep
   rlen="$(grep -a -o 'recv DATA frame <length=[0-9]*' "$work/probe" | head -1 | sed 's/.*=//')"
   if [[ "$gstatus" != 0 ]]; then echo "probe failed in mode $mode:"; cat "$work/probe"; exit 1; fi
   local conns=4 per=$((streams / 4))
+  if [[ -n "$cg" ]]; then
+    run_callgrind "$mode" "$streams" "$rep" "${pids[${mode%+token}]}" "$url" "${hdr[@]}"
+    return
+  fi
   {
     # Warm up (connections, token cache) in a run of its own: h2load counts the
     # bytes of --warm-up-time responses but not the requests.
@@ -127,6 +142,31 @@ run_case() { # mode streams rep
   }
 }
 
+# Instructions the server executes per request, counted by callgrind: the
+# counters are zeroed after a warm-up, the N requests sent, and the counters
+# dumped (each dump holds the events since the previous one).
+run_callgrind() { # mode streams rep pid url header...
+  local mode="$1" streams="$2" rep="$3" pid="$4" url="$5"; shift 5
+  h2load -n 2000 -c 4 -m "$((streams / 4))" -t 1 "$@" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
+  callgrind_control -z "$pid" > /dev/null 2>&1
+  h2load -n "$cg" -c 4 -m "$((streams / 4))" -t 1 "$@" -d "$work/fmb.bin" "$url" > "$work/out" 2>&1
+  local done ir
+  shopt -s nullglob
+  local dumps=("$work"/callgrind."$pid".*) before after
+  before="${#dumps[@]}"
+  callgrind_control -d "$pid" > /dev/null 2>&1
+  for _ in $(seq 100); do
+    dumps=("$work"/callgrind."$pid".*)
+    after="${#dumps[@]}"
+    (( after > before )) && break
+    sleep 0.1
+  done
+  ir="$(grep -h '^totals:' "$(ls -t "$work"/callgrind."$pid".* | head -1)" | awk '{print $2}')"
+  done="$(grep -o '[0-9]* succeeded' "$work/out" | awk '{print $1}')"
+  if [[ "$done" != "$cg" ]]; then echo "only $done of $cg requests succeeded in mode $mode"; cat "$work/out"; exit 1; fi
+  echo "$mode streams=$streams run=$rep: $(awk -v i="$ir" -v n="$done" 'BEGIN{printf "%.0f", i / n}') instructions/req requests=$done" | tee -a "$work/results"
+}
+
 # The servers run side by side and the runs alternate, so that background
 # load on the machine affects every mode alike.
 for mode in "${cases[@]}"; do
@@ -146,7 +186,7 @@ for streams in 16 64; do
   done
 done
 
-echo "== medians (req/s)"
+if [[ -n "$cg" ]]; then echo "== medians (instructions per request)"; else echo "== medians (req/s)"; fi
 mid="$(( (reps + 1) / 2 ))"
 median() { grep "^$1 streams=$2 " "$work/results" | awk '{print $4}' | sort -n | sed -n "${mid}p"; }
 cpu_median() { grep "^$1 streams=$2 " "$work/results" | grep -o "${3:-server-cpu}=[0-9.]*" | sed 's/.*=//' | sort -n | sed -n "${mid}p"; }
@@ -160,6 +200,7 @@ for streams in 16 64; do
   done
   echo "$line"
 done
+[[ -n "$cg" ]] && exit 0
 for what in server-cpu user; do
   echo "== medians ($what microseconds per request)"
   for streams in 16 64; do
