@@ -200,6 +200,21 @@ for streams in 16 64; do
   done
   echo "$line"
 done
+# Paired: each run against the first case's run of the same round (minutes
+# apart at most), so that slow drifts of the machine cancel out.
+echo "== paired medians (per-round difference from $base)"
+for streams in 16 64; do
+  line="streams=$streams"
+  for mode in "${cases[@]:1}"; do
+    d="$(for rep in $(seq "$reps"); do
+      b="$(grep "^$base streams=$streams run=$rep:" "$work/results" | awk '{print $4}')"
+      v="$(grep "^$mode streams=$streams run=$rep:" "$work/results" | awk '{print $4}')"
+      awk -v b="$b" -v v="$v" 'BEGIN{printf "%.2f\n", (v-b)/b*100}'
+    done | sort -g | sed -n "${mid}p")"
+    line+=" $mode=${d}%"
+  done
+  echo "$line"
+done
 [[ -n "$cg" ]] && exit 0
 for what in server-cpu user; do
   echo "== medians ($what microseconds per request)"
