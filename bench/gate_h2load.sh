@@ -107,7 +107,7 @@ run_case() { # mode streams rep
   if [[ "$gstatus" != 0 ]]; then echo "probe failed in mode $mode:"; cat "$work/probe"; exit 1; fi
   local conns=4 per=$((streams / 4))
   if [[ -n "$cg" ]]; then
-    run_callgrind "$mode" "$streams" "$rep" "${pids[${mode%+token}]}" "$url" "${hdr[@]}"
+    run_callgrind "$mode" "$streams" "$rep" "${pids[${mode%+token}]}" "$url" -c "$conns" -m "$per" "${hdr[@]}"
     return
   fi
   {
@@ -145,11 +145,11 @@ run_case() { # mode streams rep
 # Instructions the server executes per request, counted by callgrind: the
 # counters are zeroed after a warm-up, the N requests sent, and the counters
 # dumped (each dump holds the events since the previous one).
-run_callgrind() { # mode streams rep pid url header...
+run_callgrind() { # mode streams rep pid url h2load-options...
   local mode="$1" streams="$2" rep="$3" pid="$4" url="$5"; shift 5
-  h2load -n 2000 -c 4 -m "$((streams / 4))" -t 1 "$@" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
+  h2load -n 2000 -t 1 "$@" -d "$work/fmb.bin" "$url" > /dev/null 2>&1
   callgrind_control -z "$pid" > /dev/null 2>&1
-  h2load -n "$cg" -c 4 -m "$((streams / 4))" -t 1 "$@" -d "$work/fmb.bin" "$url" > "$work/out" 2>&1
+  h2load -n "$cg" -t 1 "$@" -d "$work/fmb.bin" "$url" > "$work/out" 2>&1
   local done ir
   shopt -s nullglob
   local dumps=("$work"/callgrind."$pid".*) before after
