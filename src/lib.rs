@@ -25,8 +25,10 @@ macro_rules! compressed {
 }
 
 pub mod bes;
+pub mod budget;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod devcerts;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -479,11 +479,13 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
     }
     health_check(plain_channel(addr).await).await.unwrap();
     for mut s in silent {
-        let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        // The server's own SETTINGS may come first; then the close (EOF or
+        // a reset, either ends read_to_end).
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
             .await
-            .expect("closed by the server within the timeout");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+            .expect("closed by the server within the timeout")
+            .ok();
     }
     server.stop().await;
 }

@@ -416,6 +416,28 @@ pub struct LimitsConfig {
     /// within this, else DEADLINE_EXCEEDED: a client trickling bytes cannot
     /// hold a request open before the Gate decided on it.
     pub first_message_timeout: Duration,
+    /// A connection with no open stream this long is closed.
+    pub idle_connection_timeout: Duration,
+    /// Bytes of first messages buffered before the Gate decided, across
+    /// all connections; beyond it, RESOURCE_EXHAUSTED at once.
+    pub max_pending_bytes: usize,
+    /// The same, per connection.
+    pub max_pending_bytes_per_connection: usize,
+    /// The share (percent) of every request and byte budget that open
+    /// routes and anonymous callers may hold together.
+    pub anonymous_share_percent: u8,
+    /// Longest instance name a request may carry; longer: INVALID_ARGUMENT.
+    pub max_instance_name_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// `anonymous-share-percent` of `n`, at least 1.
+    pub fn anonymous_share(&self, n: usize) -> usize {
+        (n / 100)
+            .saturating_mul(usize::from(self.anonymous_share_percent))
+            .saturating_add(n % 100 * usize::from(self.anonymous_share_percent) / 100)
+            .max(1)
+    }
 }
 
 impl Default for LimitsConfig {
@@ -432,6 +454,11 @@ impl Default for LimitsConfig {
             max_concurrent_requests: 10_000,
             max_connections: 10_000,
             first_message_timeout: Duration::from_secs(30),
+            idle_connection_timeout: Duration::from_secs(300),
+            max_pending_bytes: 256 << 20,
+            max_pending_bytes_per_connection: 64 << 20,
+            anonymous_share_percent: 25,
+            max_instance_name_bytes: 512,
         }
     }
 }
@@ -1490,6 +1517,21 @@ impl Validator {
         }
     }
 
+    fn limit_bytes(
+        &self,
+        key: &str,
+        v: Option<&raw::Size>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(size) => {
+                let n = size.bytes().map_err(|r| self.err(key, &r))?;
+                usize::try_from(n).map_err(|_| self.err(key, "is too large"))
+            }
+        }
+    }
+
     fn limits(&self, l: Option<&RawLimits>) -> Result<LimitsConfig, ConfigError> {
         let d = LimitsConfig::default();
         let Some(l) = l else { return Ok(d) };
@@ -1508,7 +1550,69 @@ impl Validator {
                 .unwrap_or(d.max_concurrent_requests),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
             first_message_timeout: secs(l.first_message_timeout_seconds, d.first_message_timeout),
+            idle_connection_timeout: secs(
+                l.idle_connection_timeout_seconds,
+                d.idle_connection_timeout,
+            ),
+            max_pending_bytes: self.limit_bytes(
+                "limits.max-pending-bytes",
+                l.max_pending_bytes.as_ref(),
+                d.max_pending_bytes,
+            )?,
+            max_pending_bytes_per_connection: self.limit_bytes(
+                "limits.max-pending-bytes-per-connection",
+                l.max_pending_bytes_per_connection.as_ref(),
+                d.max_pending_bytes_per_connection,
+            )?,
+            anonymous_share_percent: l
+                .anonymous_share_percent
+                .unwrap_or(d.anonymous_share_percent),
+            max_instance_name_bytes: l
+                .max_instance_name_bytes
+                .unwrap_or(d.max_instance_name_bytes),
         };
+        if out.idle_connection_timeout.is_zero() {
+            return Err(self.err(
+                "limits.idle-connection-timeout-seconds",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=100).contains(&out.anonymous_share_percent) {
+            return Err(self.err(
+                "limits.anonymous-share-percent",
+                &format!(
+                    "must be between 1 and 100, not {}",
+                    out.anonymous_share_percent
+                ),
+            ));
+        }
+        if !(1..=65536).contains(&out.max_instance_name_bytes) {
+            return Err(self.err(
+                "limits.max-instance-name-bytes",
+                &format!(
+                    "must be between 1 and 65536, not {}",
+                    out.max_instance_name_bytes
+                ),
+            ));
+        }
+        if out.max_pending_bytes < out.max_message_bytes {
+            return Err(self.err(
+                "limits.max-pending-bytes",
+                &format!(
+                    "{} is less than limits.max-message-bytes ({}): no first message could be read",
+                    out.max_pending_bytes, out.max_message_bytes
+                ),
+            ));
+        }
+        if out.max_pending_bytes_per_connection < out.max_message_bytes {
+            return Err(self.err(
+                "limits.max-pending-bytes-per-connection",
+                &format!(
+                    "{} is less than limits.max-message-bytes ({}): no first message could be read",
+                    out.max_pending_bytes_per_connection, out.max_message_bytes
+                ),
+            ));
+        }
         if out.first_message_timeout.is_zero() {
             return Err(self.err("limits.first-message-timeout-seconds", "must be at least 1"));
         }

@@ -198,6 +198,11 @@ pub struct RawLimits {
     pub max_concurrent_requests: Option<usize>,
     pub max_connections: Option<usize>,
     pub first_message_timeout_seconds: Option<u64>,
+    pub idle_connection_timeout_seconds: Option<u64>,
+    pub max_pending_bytes: Option<Size>,
+    pub max_pending_bytes_per_connection: Option<Size>,
+    pub anonymous_share_percent: Option<u8>,
+    pub max_instance_name_bytes: Option<usize>,
 }
 
 /// A string or a list of strings (BuildGrid's `audience`, `jwks-url`).

@@ -48,9 +48,9 @@ use super::scan;
 use super::Gate;
 use super::{observe, request_id};
 use crate::config::AuthMethod as Method;
+use crate::conn::ConnInfo;
 use crate::reapi::resource::{self, Access};
 use crate::reapi::upstream::{Upstream, Upstreams};
-use crate::server::ConnInfo;
 
 /// Puts the [`Gate`] in front of a service. Admitted REAPI requests for an
 /// instance with an `upstream:` go to that upstream instead of the service.
@@ -285,7 +285,7 @@ impl Outcome {
 /// What the audit line says about a request.
 struct Audit<'a> {
     route: &'a Route,
-    conn: Option<&'a ConnInfo>,
+    conn: Option<&'a Arc<ConnInfo>>,
     instance: Option<&'a str>,
     request_id: &'a http::HeaderValue,
     headers: &'a http::HeaderMap,
@@ -360,7 +360,7 @@ async fn admit(
     };
     outcome.route = Some(route);
     outcome.decision = ("invalid", "malformed_request");
-    let conn = req.extensions().get::<ConnInfo>().cloned();
+    let conn = req.extensions().get::<Arc<ConnInfo>>().cloned();
     let certificate = conn.as_ref().and_then(|c| c.certificate.clone());
 
     let open = match route.open {
@@ -440,7 +440,7 @@ async fn admit(
         Method::None => Ok(Arc::new(Identity::anonymous(certificate.clone()))),
         Method::Jwt => match &gate.jwt {
             Some(jwt) => {
-                let slot = conn.as_ref().map(|c| &*c.token);
+                let slot = conn.as_ref().map(|c| &c.token);
                 authn::identify_jwt(jwt, req.headers(), certificate.as_ref(), slot).await
             }
             None => Err(Unauthenticated::Malformed("no token verifier configured")),

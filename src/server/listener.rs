@@ -1,29 +1,36 @@
-//! Listening channels: TCP and Unix sockets, the TLS handshake, and what is
-//! known about each connection ([`ConnInfo`], attached to every request).
+//! Listening channels: TCP and Unix sockets, the TLS handshake, and the
+//! limit on open connections.
 //!
-//! Each channel has its own accept loop. TLS handshakes run in their own tasks
-//! with a timeout, so a slow or silent client cannot hold up the accept loop;
-//! finished connections are handed to the HTTP/2 server through one queue.
+//! Each channel has its own accept loop. Every accepted connection gets a
+//! task of its own for its TLS handshake and then its HTTP/2 session
+//! ([`super::http2`]), both within the handshake deadline, so a slow or silent
+//! client cannot hold up the accept loop or anyone else.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use tonic::body::Body;
+use tower::Service;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tonic::transport::server::Connected;
 
-use super::tls;
+use super::{http2, tls};
+use crate::budget::{Budget, Held};
 use crate::config::{ChannelConfig, ListenAddr};
+pub use crate::conn::{ConnInfo, ConnLimits, Peer};
 use crate::gate::identity::PeerCertificate;
 
 /// The address a channel actually listens on (with the real port for port 0).
@@ -42,37 +49,6 @@ impl fmt::Display for BoundAddr {
     }
 }
 
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
-    Tcp(SocketAddr),
-    Unix,
-}
-
-impl fmt::Display for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Peer::Tcp(a) => write!(f, "{a}"),
-            Peer::Unix => f.write_str("unix"),
-        }
-    }
-}
-
-/// What is known about a connection; tonic puts it in every request's extensions.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The remote peer.
-    pub peer: Peer,
-    /// Loopback TCP or a Unix socket.
-    pub local: bool,
-    /// The verified client certificate (channels with `tls-client-certs`).
-    pub certificate: Option<Arc<PeerCertificate>>,
-    /// Whether the connection is TLS.
-    pub tls: bool,
-    /// The last bearer token verified on this connection (never logged).
-    pub token: Arc<crate::gate::jwt::ConnectionToken>,
-}
-
 enum Io {
     Tcp(TcpStream),
     Unix(UnixStream),
@@ -80,38 +56,26 @@ enum Io {
     TlsUnix(Box<TlsStream<UnixStream>>),
 }
 
-impl Io {
-    /// Waits until a TCP peer sent its first bytes (or closed). Unix-socket
-    /// peers are local and not waited for.
-    async fn first_bytes(&self) -> io::Result<()> {
-        match self {
-            Io::Tcp(s) => s.peek(&mut [0u8; 1]).await.map(|_| ()),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// One accepted (and, on TLS channels, handshaken) connection.
+/// One accepted (and, on TLS channels, handshaken) connection: its bytes,
+/// what is known about it, and its place under `limits.max-connections`.
 pub struct Conn {
     io: Io,
-    info: ConnInfo,
     _open: crate::metrics::OpenConnection,
-    _slot: ConnSlot,
+    _slot: Held,
 }
 
 /// Counts open connections (across every channel) against `limits.max-connections`.
 pub struct ConnSlots {
-    open: AtomicUsize,
-    max: usize,
+    open: Arc<Budget>,
     refused: AtomicU64,
     last_warning: Mutex<Option<std::time::Instant>>,
 }
 
 impl ConnSlots {
+    /// At most `max` connections open at once.
     pub fn new(max: usize) -> Arc<ConnSlots> {
         Arc::new(ConnSlots {
-            open: AtomicUsize::new(0),
-            max,
+            open: Budget::new(max),
             refused: AtomicU64::new(0),
             last_warning: Mutex::new(None),
         })
@@ -119,16 +83,7 @@ impl ConnSlots {
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    fn try_take(self: &Arc<Self>) -> Option<ConnSlot> {
-        let before = self.open.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(ConnSlot(self.clone()))
+        self.open.held()
     }
 
     /// Counts a refused connection; warns at most every 10 seconds.
@@ -144,27 +99,11 @@ impl ConnSlots {
             *last = Some(now);
             tracing::warn!(
                 channel = %channel,
-                max_connections = self.max,
+                max_connections = self.open.max(),
                 refused_so_far = total,
                 "connection limit reached: closing new connections until some close"
             );
         }
-    }
-}
-
-/// One open connection's place under the limit; released on drop.
-pub struct ConnSlot(Arc<ConnSlots>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Connected for Conn {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
     }
 }
 
@@ -304,16 +243,19 @@ impl BoundChannel {
         self.tls.clone()
     }
 
-    /// Accepts connections until `stop` turns true, sending each finished
-    /// connection to `out`. Connections beyond what `slots` allows are closed
-    /// at once.
-    pub async fn accept_loop(
-        self,
-        out: mpsc::Sender<Conn>,
-        mut stop: watch::Receiver<bool>,
-        handshake_timeout: Duration,
-        slots: Arc<ConnSlots>,
-    ) {
+    /// Accepts connections until `stop` turns true and serves each with
+    /// `service` (TLS handshakes and HTTP/2 each in the connection's own task,
+    /// so a slow client holds up nobody). Connections beyond what `slots`
+    /// allows are closed at once. Every connection task holds a clone of
+    /// `alive`, so the caller knows when the last one has ended.
+    pub async fn accept_loop<S>(self, serving: Serving<S>, mut stop: watch::Receiver<bool>)
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let addr = self.addr.clone();
         loop {
             let accepted = tokio::select! {
@@ -330,77 +272,97 @@ impl BoundChannel {
                     continue;
                 }
             };
-            let Some(slot) = slots.try_take() else {
+            let at = Instant::now();
+            let Some(slot) = serving.slots.open.try_take(1) else {
                 drop(io);
-                slots.refused(&addr);
+                serving.slots.refused(&addr);
                 continue;
             };
             let local = match &peer {
                 Peer::Tcp(a) => is_loopback(a),
                 Peer::Unix => true,
             };
-            match &self.tls {
-                None => {
-                    let transport = match &self.socket {
-                        Socket::Tcp(_) => "tcp",
-                        Socket::Unix(..) => "unix",
-                    };
-                    let out = out.clone();
-                    let channel = addr.clone();
-                    tokio::spawn(async move {
-                        // A client that connects and sends nothing would hold
-                        // its connection (and a place under max-connections)
-                        // forever: it gets the handshake timeout to start.
-                        if tokio::time::timeout(handshake_timeout, io.first_bytes())
-                            .await
-                            .is_err()
-                        {
-                            tracing::info!(channel = %channel, peer = %peer, "no request before the handshake timeout; closed");
-                            return;
-                        }
-                        let conn = Conn {
-                            io,
-                            info: ConnInfo {
-                                peer,
-                                local,
-                                certificate: None,
-                                tls: false,
-                                token: Arc::default(),
-                            },
-                            _open: crate::metrics::OpenConnection::new(transport),
-                            _slot: slot,
+            let tls = self
+                .tls
+                .as_ref()
+                .map(|live| TlsAcceptor::from(live.current()));
+            let serving = serving.clone();
+            let channel = addr.clone();
+            let drain = stop.clone();
+            tokio::spawn(async move {
+                let _alive = serving.alive.clone();
+                let deadline = at + serving.http2.handshake_timeout;
+                let (io, certificate, transport) = match tls {
+                    None => {
+                        let transport = match &io {
+                            Io::Unix(_) => "unix",
+                            _ => "tcp",
                         };
-                        let _ = out.send(conn).await;
-                    });
-                }
-                Some(live) => {
-                    let acceptor = TlsAcceptor::from(live.current());
-                    let out = out.clone();
-                    let channel = addr.clone();
-                    tokio::spawn(async move {
-                        let handshake = tokio::time::timeout(
-                            handshake_timeout,
-                            handshake(acceptor, io, peer.clone(), local, slot),
-                        );
+                        (io, None, transport)
+                    }
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout_at(deadline.into(), handshake(acceptor, io));
                         match handshake.await {
-                            Ok(Ok(conn)) => {
-                                let _ = out.send(conn).await;
-                            }
+                            Ok(Ok((io, cert))) => (io, cert, "tls"),
                             Ok(Err(e)) => {
                                 crate::metrics::tls_handshake_failure("error");
                                 tracing::info!(channel = %channel, peer = %peer, error = %e, "TLS handshake failed");
+                                return;
                             }
                             Err(_) => {
                                 crate::metrics::tls_handshake_failure("timeout");
                                 tracing::info!(channel = %channel, peer = %peer, "TLS handshake timed out");
+                                return;
                             }
                         }
-                    });
-                }
-            }
+                    }
+                };
+                let info = Arc::new(ConnInfo::new(
+                    peer,
+                    local,
+                    certificate.map(Arc::new),
+                    transport == "tls",
+                    serving.conn_limits,
+                ));
+                let conn = Conn {
+                    io,
+                    _open: crate::metrics::OpenConnection::new(transport),
+                    _slot: slot,
+                };
+                http2::serve_connection(conn, info, at, serving.service, serving.http2, drain)
+                    .await;
+            });
         }
         if let Socket::Unix(_, path) = &self.socket {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What every connection of every channel is served with.
+pub struct Serving<S> {
+    /// The request stack.
+    pub service: S,
+    /// HTTP/2 settings and connection deadlines.
+    pub http2: Arc<http2::Http2Settings>,
+    /// Each connection's own budgets.
+    pub conn_limits: ConnLimits,
+    /// Open connections, against `limits.max-connections`.
+    pub slots: Arc<ConnSlots>,
+    /// Held by every connection task: when the last clone is gone, every
+    /// connection has ended.
+    pub alive: mpsc::Sender<()>,
+}
+
+impl<S: Clone> Clone for Serving<S> {
+    fn clone(&self) -> Self {
+        Serving {
+            service: self.service.clone(),
+            http2: self.http2.clone(),
+            conn_limits: self.conn_limits,
+            slots: self.slots.clone(),
+            alive: self.alive.clone(),
         }
     }
 }
@@ -428,14 +390,8 @@ async fn accept(socket: &Socket) -> io::Result<(Io, Peer)> {
     }
 }
 
-async fn handshake(
-    acceptor: TlsAcceptor,
-    io: Io,
-    peer: Peer,
-    local: bool,
-    slot: ConnSlot,
-) -> io::Result<Conn> {
-    let (io, certs) = match io {
+async fn handshake(acceptor: TlsAcceptor, io: Io) -> io::Result<(Io, Option<PeerCertificate>)> {
+    Ok(match io {
         Io::Tcp(s) => {
             let tls = acceptor.accept(s).await?;
             let cert = first_cert(tls.get_ref().1);
@@ -447,18 +403,6 @@ async fn handshake(
             (Io::TlsUnix(Box::new(tls)), cert)
         }
         other => (other, None),
-    };
-    Ok(Conn {
-        io,
-        info: ConnInfo {
-            peer,
-            local,
-            certificate: certs.map(Arc::new),
-            tls: true,
-            token: Arc::default(),
-        },
-        _open: crate::metrics::OpenConnection::new("tls"),
-        _slot: slot,
     })
 }
 

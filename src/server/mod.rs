@@ -12,6 +12,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod deadline;
+pub mod http2;
 pub mod listener;
 pub mod tls;
 
@@ -20,13 +22,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::service::RoutesBuilder;
 
 use crate::config::{AuthMethod, Config};
+pub use crate::conn::{ConnInfo, Peer};
 use crate::gate::{Gate, GateLayer};
-pub use listener::{BoundAddr, ConnInfo, Peer};
+pub use listener::BoundAddr;
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +38,6 @@ pub enum ServerError {
     Setup { what: &'static str, reason: String },
     #[error(transparent)]
     Gate(#[from] crate::gate::GateError),
-    #[error("serving: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
 
 /// A gateway whose channels are bound and whose services are built.
@@ -154,7 +153,7 @@ impl Gateway {
             gate,
             upstreams,
             channels,
-            routes: routes.routes(),
+            routes: routes.routes().prepare(),
             health,
             ready,
             telemetry,
@@ -251,53 +250,41 @@ impl Gateway {
             background.push(tls::spawn_reloader(live_tls, Duration::from_secs(1)));
         }
 
-        let (conn_tx, conn_rx) = mpsc::channel(256);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut acceptors = Vec::new();
-        let slots = listener::ConnSlots::new(limits.max_connections);
-        for c in channels {
-            acceptors.push(tokio::spawn(c.accept_loop(
-                conn_tx.clone(),
-                stop_rx.clone(),
-                limits.tls_handshake_timeout,
-                slots.clone(),
-            )));
-        }
-        drop(conn_tx);
-        let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
-
-        let server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(limits.keepalive_interval))
-            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .max_concurrent_streams(Some(limits.max_concurrent_streams))
-            .http2_max_header_list_size(Some(limits.max_header_list_size))
-            .max_frame_size(Some(limits.max_frame_size))
+        let stack = tower::ServiceBuilder::new()
+            // The caller's grpc-timeout, over everything below.
+            .layer(deadline::DeadlineLayer)
+            // Request ids, the in-flight limit, metrics, and the Gate.
             .layer(
                 GateLayer::new(gate.clone(), upstreams)
                     .with_max_in_flight(limits.max_concurrent_requests),
             )
-            .add_routes(routes);
-
-        let mut drain_rx = stop_rx.clone();
-        let serving = server.serve_with_incoming_shutdown(incoming, async move {
-            let _ = drain_rx.wait_for(|s| *s).await;
-        });
-        tokio::pin!(serving);
-        tokio::pin!(shutdown);
-
-        let stop_background = |tasks: Vec<tokio::task::JoinHandle<()>>| {
-            for t in tasks {
-                t.abort();
-            }
+            .service(routes);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (alive, mut all_closed) = mpsc::channel::<()>(1);
+        let serving = listener::Serving {
+            service: stack,
+            http2: Arc::new(http2::Http2Settings {
+                handshake_timeout: limits.tls_handshake_timeout,
+                idle_timeout: limits.idle_connection_timeout,
+                keepalive_interval: limits.keepalive_interval,
+                keepalive_timeout: limits.keepalive_timeout,
+                max_concurrent_streams: limits.max_concurrent_streams,
+                max_header_list_size: http2::header_list_ceiling(limits.max_header_list_size),
+                max_frame_size: limits.max_frame_size,
+            }),
+            conn_limits: conn_limits(limits),
+            slots: listener::ConnSlots::new(limits.max_connections),
+            alive,
         };
-        tokio::select! {
-            result = &mut serving => {
-                let _ = stop_tx.send(true);
-                stop_background(background);
-                return result.map_err(ServerError::from);
-            }
-            _ = &mut shutdown => {}
+        let mut acceptors = Vec::new();
+        for c in channels {
+            acceptors.push(tokio::spawn(
+                c.accept_loop(serving.clone(), stop_rx.clone()),
+            ));
         }
+        drop(serving);
+
+        shutdown.await;
         stop_background(background);
         tracing::info!(
             grace_seconds = limits.shutdown_grace.as_secs(),
@@ -310,10 +297,11 @@ impl Gateway {
         for a in acceptors {
             let _ = a.await;
         }
-        match tokio::time::timeout(limits.shutdown_grace, &mut serving).await {
-            Ok(result) => {
+        // Every connection has been sent GOAWAY; each ends when its streams do.
+        match tokio::time::timeout(limits.shutdown_grace, all_closed.recv()).await {
+            Ok(_) => {
                 tracing::info!("all requests finished; stopped");
-                result.map_err(ServerError::from)
+                Ok(())
             }
             Err(_) => {
                 tracing::warn!(
@@ -323,6 +311,21 @@ impl Gateway {
                 Ok(())
             }
         }
+    }
+}
+
+/// Each connection's own budgets, from `limits:`.
+fn conn_limits(limits: &crate::config::LimitsConfig) -> listener::ConnLimits {
+    listener::ConnLimits {
+        anonymous_requests: limits.anonymous_share(limits.max_concurrent_streams as usize),
+        pending_bytes: limits.max_pending_bytes_per_connection,
+        anonymous_pending_bytes: limits.anonymous_share(limits.max_pending_bytes_per_connection),
+    }
+}
+
+fn stop_background(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        t.abort();
     }
 }
 

@@ -145,6 +145,17 @@ pub fn loopback_config(channel_extra: &str, rest: &str) -> String {
     format!("server:\n  - !channel\n    address: \"127.0.0.1:0\"\n{channel}{rest}")
 }
 
+/// A plaintext channel to `addr`, or the connection error.
+pub async fn plain_channel_result(
+    addr: std::net::SocketAddr,
+) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
 /// A plaintext channel to `addr`.
 pub async fn plain_channel(addr: std::net::SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
