@@ -475,10 +475,10 @@ fn scan_message(msg: &[u8]) {
 ///
 /// Bytes 0..4 choose the `grpc-encoding`, the route, the chunk size and the
 /// limits; the rest is the request body on the wire. Checked: decompression never
-/// yields more than its limit; [`frame::peek_first`] returns a message within the
-/// limits and a body that replays the wire bytes unchanged; [`frame::Guarded`]
-/// passes on only a prefix of the wire bytes; the scanner reads what prost reads
-/// and stays inside the message; `route::locate` agrees with the scanner.
+/// yields more than its limit; [`frame::read_first`] returns a message within the
+/// limits, and the body passed on holds only whole uncompressed messages (one at
+/// most for a unary route), as does [`frame::Checked`]; the scanner reads what
+/// prost reads and stays inside the message; `route::locate` agrees with the scanner.
 pub fn frame(data: &[u8]) {
     let [flags, chunk, max_message, max_plain, rest @ ..] = data else {
         return;
@@ -509,31 +509,38 @@ pub fn frame(data: &[u8]) {
         Err(_) => scan_message(rest),
     }
 
-    // The bytes as a request body: peeked, then replayed untouched.
-    let peeked = frame::peek_first(chunked_body(&wire, usize::from(*chunk)), encoding, limits)
+    // The bytes as a request body: the first message read, then the body
+    // passed on, for a unary route and a stream.
+    for cardinality in [frame::Cardinality::One, frame::Cardinality::Many] {
+        let read = frame::read_first(
+            chunked_body(&wire, usize::from(*chunk)),
+            encoding,
+            limits,
+            cardinality,
+            |_| Ok(()),
+        )
         .now_or_never()
-        .expect("peeking a body over ready data never waits");
-    if let Ok(peeked) = peeked {
-        if let Some(message) = &peeked.message {
+        .expect("reading a body over ready data never waits");
+        let Ok(first) = read else { continue };
+        if let Some(message) = &first.message {
             let [flag, a, b, c, d, ..] = rest else {
-                panic!("a message was peeked from fewer than 5 bytes");
+                panic!("a message was read from fewer than 5 bytes");
             };
             let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
-            assert!(len <= limits.max_message, "peeked a message over the limit");
+            assert!(len <= limits.max_message, "read a message over the limit");
             if *flag == 0 {
                 assert_eq!(&message[..], &rest[5..5 + len]);
             } else {
                 assert!(message.len() <= limits.max_decompressed);
             }
         } else {
-            assert!(rest.is_empty(), "no message peeked from a non-empty body");
+            assert!(rest.is_empty(), "no message read from a non-empty body");
         }
-        let (replayed, error) = drain(peeked.body);
-        assert!(error.is_none());
-        assert_eq!(
-            replayed, rest,
-            "the peeked body does not replay the request"
-        );
+        let (passed, _) = drain(first.into_body(None, None));
+        let messages = whole_uncompressed_messages(&passed, limits);
+        if cardinality == frame::Cardinality::One {
+            assert!(messages <= 1, "a unary body passed on {messages} messages");
+        }
     }
 
     // The bytes as a client stream: every message held to the first one's instance.
@@ -553,17 +560,37 @@ pub fn frame(data: &[u8]) {
             Some(_) => Err(Status::permission_denied("instance changed")),
         }
     });
-    let guarded = frame::Guarded::new(
+    let checked = frame::Checked::new(
         chunked_body(&wire, usize::from(*chunk)),
         encoding,
         limits,
-        check,
+        frame::Cardinality::Many,
+        Some(check),
     );
-    let (passed, _) = drain(Body::new(guarded));
-    assert!(
-        rest.starts_with(&passed),
-        "the guarded body passed on bytes that were not sent"
-    );
+    let (passed, _) = drain(Body::new(checked));
+    whole_uncompressed_messages(&passed, limits);
+}
+
+/// Counts the messages of a body the Gate passed on, checking each is whole,
+/// uncompressed and within the limits.
+fn whole_uncompressed_messages(passed: &[u8], limits: Limits) -> usize {
+    let mut pos = 0;
+    let mut n = 0;
+    while pos < passed.len() {
+        let [flag, a, b, c, d, ..] = passed[pos..] else {
+            panic!("a partial message header was passed on");
+        };
+        assert_eq!(flag, 0, "a compressed message was passed on");
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        assert!(len <= limits.max_message.max(limits.max_decompressed));
+        assert!(
+            passed.len() >= pos + 5 + len,
+            "a partial message was passed on"
+        );
+        pos += 5 + len;
+        n += 1;
+    }
+    n
 }
 
 // ---------------------------------------------------------------------------------

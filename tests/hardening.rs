@@ -39,7 +39,13 @@ async fn open_watch(
 #[tokio::test]
 async fn requests_beyond_the_limit_are_shed_at_once_and_recover() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&config("  max-concurrent-requests: 2\n"), dir.path()).await;
+    // The whole limit for Health Watch streams (an open route): this test is
+    // about the total, not the open routes' share of it.
+    let server = TestServer::start(
+        &config("  max-concurrent-requests: 2\n  anonymous-share-percent: 100\n"),
+        dir.path(),
+    )
+    .await;
     let addr = server.tcp();
     let first = open_watch(addr).await;
     let second = open_watch(addr).await;
@@ -496,7 +502,11 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
 #[tokio::test]
 async fn streams_beyond_the_per_connection_limit_wait_for_a_free_one() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&config("  max-concurrent-streams: 2\n"), dir.path()).await;
+    let server = TestServer::start(
+        &config("  max-concurrent-streams: 2\n  anonymous-share-percent: 100\n"),
+        dir.path(),
+    )
+    .await;
     let addr = server.tcp();
     let ch = plain_channel(addr).await;
     let open = |ch: tonic::transport::Channel| async move {

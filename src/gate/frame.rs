@@ -1,20 +1,34 @@
-//! gRPC message framing on a request body: peeking the first message without
-//! consuming it, and checking every later message of a client stream.
+//! gRPC message framing on a request body: reading the first message before
+//! the Gate decides, and holding every later message to the same rules.
 //!
 //! A gRPC message on the wire is a 1-byte compressed flag, a 4-byte big-endian
 //! length, then the message; HTTP/2 DATA frames bear no relation to message
-//! boundaries. [`peek_first`] reads frames until the first message is whole
-//! (within a size cap), decompresses it if its flag says so, and returns it with
-//! a body that yields exactly the bytes that were read, then the rest, so the
-//! service behind the Gate sees the request untouched. [`Guarded`] wraps a body
-//! and runs a check on every complete message as it passes, so later messages
-//! of a client stream cannot change the instance the first one was admitted for.
+//! boundaries. The rule this module keeps: **what the Gate decoded is exactly
+//! what the service or upstream receives, and nothing else.**
+//!
+//! - A compressed message is decoded strictly: one gzip member, one zlib
+//!   stream or one zstd frame, and nothing after it. Decoders differ on the
+//!   rest (grpc-js, Java, Go and Python read every gzip member, others only the
+//!   first), so a message with bytes the decoder did not consume is
+//!   INVALID_ARGUMENT.
+//! - Messages are passed on as the Gate decoded them: uncompressed (flag 0,
+//!   valid whatever `grpc-encoding` says), so no decoder behind the Gate reads
+//!   them another way.
+//! - A unary (or server-streaming) call carries one message: [`read_first`]
+//!   reads its whole body before the Gate decides, and a second message is
+//!   INVALID_ARGUMENT, so nothing of such a request is passed on.
+//! - On client streams every message is whole and checked before it is passed
+//!   on ([`Checked`]); each is held to `limits.max-message-bytes`.
+//! - HTTP/2 request trailers are refused on every route: gRPC clients never
+//!   send them, and tonic would merge them into the request's metadata (an
+//!   `authorization` or `x-request-actor` after the Gate looked).
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -24,9 +38,13 @@ use tonic::Status;
 /// The `grpc-encoding` of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
+    /// No compression.
     Identity,
+    /// gzip (RFC 1952), one member.
     Gzip,
+    /// zlib (RFC 1950), as gRPC's `deflate`.
     Deflate,
+    /// zstd (RFC 8878), one frame.
     Zstd,
 }
 
@@ -62,35 +80,67 @@ pub struct Limits {
     pub max_decompressed: usize,
 }
 
-/// Decompresses one message, refusing output beyond `limit` (a compression
-/// bomb costs at most `limit` bytes of memory).
+/// Decompresses one message strictly: exactly one gzip member, zlib stream
+/// or zstd frame, every input byte consumed, at most `limit` bytes out (a
+/// compression bomb costs at most `limit` bytes of memory).
 pub fn decompress(encoding: Encoding, data: &[u8], limit: usize) -> Result<Bytes, Status> {
     let cap = limit.saturating_add(1) as u64;
     let mut out = Vec::new();
-    let result = match encoding {
+    let bad = |e: std::io::Error| {
+        Status::invalid_argument(format!("cannot decompress the request message: {e}"))
+    };
+    let rest: &[u8] = match encoding {
         Encoding::Identity => {
             return Err(Status::internal(
                 "compressed flag set but no grpc-encoding header",
             ))
         }
-        Encoding::Gzip => flate2::read::GzDecoder::new(data)
-            .take(cap)
-            .read_to_end(&mut out),
-        Encoding::Deflate => flate2::read::ZlibDecoder::new(data)
-            .take(cap)
-            .read_to_end(&mut out),
-        Encoding::Zstd => match zstd::stream::read::Decoder::new(data) {
-            Ok(d) => d.take(cap).read_to_end(&mut out),
-            Err(e) => Err(e),
-        },
+        Encoding::Gzip => {
+            let mut d = flate2::bufread::GzDecoder::new(data);
+            (&mut d).take(cap).read_to_end(&mut out).map_err(bad)?;
+            if out.len() > limit {
+                return Err(too_large(limit));
+            }
+            if d.header().is_none() {
+                return Err(Status::invalid_argument(
+                    "cannot decompress the request message: not gzip",
+                ));
+            }
+            d.into_inner()
+        }
+        Encoding::Deflate => {
+            let mut d = flate2::bufread::ZlibDecoder::new(data);
+            (&mut d).take(cap).read_to_end(&mut out).map_err(bad)?;
+            if out.len() > limit {
+                return Err(too_large(limit));
+            }
+            d.into_inner()
+        }
+        Encoding::Zstd => {
+            let mut d = zstd::stream::read::Decoder::with_buffer(data)
+                .map_err(bad)?
+                .single_frame();
+            (&mut d).take(cap).read_to_end(&mut out).map_err(bad)?;
+            if out.len() > limit {
+                return Err(too_large(limit));
+            }
+            d.finish()
+        }
     };
-    result.map_err(|e| Status::internal(format!("cannot decompress the request: {e}")))?;
-    if out.len() > limit {
-        return Err(Status::resource_exhausted(format!(
-            "request message decompresses to more than {limit} bytes"
+    if !rest.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "the compressed request message has {} bytes after its end (a second gzip member \
+             or zstd frame, or trailing data): refused, as decoders differ on them",
+            rest.len()
         )));
     }
     Ok(Bytes::from(out))
+}
+
+fn too_large(limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "request message decompresses to more than {limit} bytes (limits.max-message-bytes)"
+    ))
 }
 
 /// Reads a message header at the front of `buf`: (compressed flag, length),
@@ -109,203 +159,260 @@ fn message_header(buf: &[u8], limits: Limits) -> Result<Option<(bool, usize)>, S
     }
     if len > limits.max_message {
         return Err(Status::resource_exhausted(format!(
-            "request message of {len} bytes is over the limit of {} bytes",
+            "request message of {len} bytes is over the limit of {} bytes (limits.max-message-bytes)",
             limits.max_message
         )));
     }
     Ok(Some((flag == 1, len)))
 }
 
-/// Splits one complete framed message off the front of `buf`, if there is one.
-/// Returns (compressed flag, message bytes).
-fn split_message(buf: &mut BytesMut, limits: Limits) -> Result<Option<(bool, Bytes)>, Status> {
-    match message_header(buf, limits)? {
-        Some((compressed, len)) if buf.len() >= 5 + len => {
-            buf.advance(5);
-            Ok(Some((compressed, buf.split_to(len).freeze())))
+/// A message as the Gate decoded it.
+struct Decoded {
+    /// The message itself (decompressed).
+    message: Bytes,
+    /// The message framed as it is passed on: uncompressed.
+    framed: Bytes,
+}
+
+/// Splits one complete message off the front of `buf`, decoded.
+fn split_message(
+    buf: &mut BytesMut,
+    encoding: Encoding,
+    limits: Limits,
+) -> Result<Option<Decoded>, Status> {
+    let Some((compressed, len)) = message_header(buf, limits)? else {
+        return Ok(None);
+    };
+    if buf.len() < 5 + len {
+        return Ok(None);
+    }
+    let framed = buf.split_to(5 + len).freeze();
+    if !compressed {
+        return Ok(Some(Decoded {
+            message: framed.slice(5..),
+            framed,
+        }));
+    }
+    let message = decompress(encoding, &framed[5..], limits.max_decompressed)?;
+    Ok(Some(Decoded {
+        framed: reframe(&message),
+        message,
+    }))
+}
+
+/// Splits one complete message off the front of `buf` and decodes it (the
+/// one decoder: strict decompression within `limits`); `None` until a whole
+/// message is there.
+pub fn next_message(
+    buf: &mut BytesMut,
+    encoding: Encoding,
+    limits: Limits,
+) -> Result<Option<Bytes>, Status> {
+    Ok(split_message(buf, encoding, limits)?.map(|d| d.message))
+}
+
+/// `message` framed uncompressed.
+pub fn reframe(message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
+    out.put_slice(message);
+    out.freeze()
+}
+
+fn trailers_refused() -> Status {
+    Status::invalid_argument(
+        "request trailers are not accepted (gRPC clients send none; they could carry credentials)",
+    )
+}
+
+fn second_message() -> Status {
+    Status::invalid_argument("this RPC takes one request message; the request carried more")
+}
+
+/// How many messages a request of a route carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cardinality {
+    /// Unary and server-streaming calls: one message (or none, the default).
+    One,
+    /// Client and bidirectional streams.
+    Many,
+}
+
+/// The first message of a request, and the rest of the request to hand on.
+pub struct FirstMessage {
+    /// The first message, decoded; `None` for an empty request stream.
+    pub message: Option<Bytes>,
+    rest: Checked,
+}
+
+impl FirstMessage {
+    /// The request body as it is passed on: the first message as the Gate
+    /// decoded it, then every later one, each checked with `check` first.
+    pub fn into_body(self, check: Option<Check>, slot: Option<RefusalSlot>) -> Body {
+        let mut rest = self.rest;
+        rest.check = check;
+        rest.slot = slot;
+        // Later messages read together with the first are checked now.
+        if let Err(status) = rest.drain_pending() {
+            rest.fail(status);
         }
-        _ => Ok(None),
+        Body::new(rest)
     }
 }
 
-/// The first message of a request, and the body to hand on.
-pub struct Peeked {
-    /// The first message, decompressed; `None` for an empty request stream.
-    pub message: Option<Bytes>,
-    /// The untouched request body.
-    pub body: Body,
-}
-
-/// Reads the first message of `body` without consuming it.
-pub async fn peek_first(
+/// Reads the first message of `body` before the Gate decides. For a route
+/// that carries [`Cardinality::One`] message the whole body is read (a second
+/// message is INVALID_ARGUMENT, so nothing of it is passed on); for streams,
+/// up to the end of the first message. Every byte is offered to `pending`
+/// (the budgets of bytes buffered before a decision) before it is kept; a
+/// refusal from it ends the read.
+pub async fn read_first(
     mut body: Body,
     encoding: Encoding,
     limits: Limits,
-) -> Result<Peeked, Status> {
+    cardinality: Cardinality,
+    mut pending: impl FnMut(usize) -> Result<(), Status>,
+) -> Result<FirstMessage, Status> {
     let mut raw = BytesMut::new();
-    let mut trailers = None;
+    let mut first: Option<Decoded> = None;
     let mut ended = false;
     loop {
-        // Look at the message header as soon as there is one, to refuse an
-        // oversized message before reading it.
-        if let Some((compressed, len)) = message_header(&raw, limits)? {
-            if raw.len() >= 5 + len {
-                let all = raw.freeze();
-                let msg = all.slice(5..5 + len);
-                let message = if compressed {
-                    decompress(encoding, &msg, limits.max_decompressed)?
-                } else {
-                    msg
-                };
-                return Ok(Peeked {
-                    message: Some(message),
-                    body: Body::new(Replay::new(all, trailers, body, ended)),
-                });
-            }
+        if first.is_none() {
+            first = split_message(&mut raw, encoding, limits)?;
         }
-        if ended {
-            if raw.is_empty() {
-                return Ok(Peeked {
-                    message: None,
-                    body: Body::new(Replay::new(Bytes::new(), trailers, body, true)),
-                });
+        if first.is_some() && cardinality == Cardinality::One && !raw.is_empty() {
+            return Err(second_message());
+        }
+        match (&first, cardinality, ended) {
+            (Some(_), Cardinality::Many, _) | (Some(_), Cardinality::One, true) => break,
+            (None, _, true) => {
+                if raw.is_empty() {
+                    break;
+                }
+                return Err(Status::internal(
+                    "request body ended in the middle of a gRPC message",
+                ));
             }
-            return Err(Status::internal(
-                "request body ended in the middle of a gRPC message",
-            ));
+            _ => {}
         }
         match body.frame().await {
             None => ended = true,
             Some(Err(status)) => return Err(status),
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => raw.extend_from_slice(&data),
-                Err(frame) => {
-                    trailers = frame.into_trailers().ok();
-                    ended = true;
+                Ok(data) => {
+                    pending(data.len())?;
+                    raw.extend_from_slice(&data);
                 }
+                Err(_) => return Err(trailers_refused()),
             },
         }
     }
+    let (message, framed) = match first {
+        Some(d) => (Some(d.message), Some(d.framed)),
+        None => (None, None),
+    };
+    let mut rest = Checked::new(body, encoding, limits, cardinality, None);
+    if ended {
+        rest.inner = None;
+    }
+    rest.seen = usize::from(framed.is_some());
+    rest.ready.extend(framed);
+    rest.pending = raw;
+    Ok(FirstMessage { message, rest })
 }
 
-/// A body that yields bytes already read, any trailers already read, then the
-/// rest of the original body.
-struct Replay {
-    prefix: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-    inner: Option<Body>,
-}
+/// Where a [`Checked`] body reports its refusal, so that whoever forwards
+/// the body (an upstream) can answer the caller with it rather than with
+/// the transport error the cut-off stream causes. The Gate puts one into
+/// the extensions of every client-streaming request it admits.
+#[derive(Debug, Clone, Default)]
+pub struct RefusalSlot(std::sync::Arc<std::sync::OnceLock<Status>>);
 
-impl Replay {
-    fn new(prefix: Bytes, trailers: Option<HeaderMap>, inner: Body, ended: bool) -> Replay {
-        Replay {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            trailers,
-            inner: (!ended).then_some(inner),
-        }
+impl RefusalSlot {
+    /// The refusal, once the body was refused.
+    pub fn get(&self) -> Option<&Status> {
+        self.0.get()
+    }
+
+    fn set(&self, status: &Status) {
+        let _ = self.0.set(Status::new(status.code(), status.message()));
     }
 }
 
-impl HttpBody for Replay {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if let Some(p) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(p))));
-        }
-        if let Some(t) = self.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(t))));
-        }
-        match self.inner.as_mut() {
-            None => Poll::Ready(None),
-            Some(inner) => Pin::new(inner).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_none()
-            && self.trailers.is_none()
-            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let mut hint = self
-            .inner
-            .as_ref()
-            .map(|b| b.size_hint())
-            .unwrap_or_else(|| SizeHint::with_exact(0));
-        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        hint.set_lower(hint.lower() + extra);
-        if let Some(u) = hint.upper() {
-            hint.set_upper(u + extra);
-        }
-        hint
-    }
-}
-
-/// Checks one complete (decompressed) message of a client stream.
+/// Checks one complete (decoded) message of a client stream.
 pub type Check = Box<dyn FnMut(&[u8]) -> Result<(), Status> + Send>;
 
-/// A request body that passes every byte through unchanged and runs a check on
-/// each complete message; the first failing check ends the body with its status.
-pub struct Guarded {
-    inner: Body,
+/// A request body that passes on only whole messages, decoded by the Gate,
+/// after its check: the first refusal ends the body with its status (the
+/// messages before it are delivered). Request trailers are refused; a route
+/// of one message refuses a second.
+pub struct Checked {
+    /// Decoded messages ready to pass on.
+    ready: VecDeque<Bytes>,
+    inner: Option<Body>,
     pending: BytesMut,
     encoding: Encoding,
     limits: Limits,
-    check: Check,
-    /// A refusal to deliver after the good messages that came before it.
+    cardinality: Cardinality,
+    check: Option<Check>,
+    /// Messages seen so far (including those read before the decision).
+    seen: usize,
+    /// A refusal to deliver after the messages that came before it.
     refusal: Option<Status>,
-    failed: bool,
+    /// Where the refusal is also reported.
+    slot: Option<RefusalSlot>,
 }
 
-impl Guarded {
-    /// Wraps `inner`; `check` sees every message, the first included.
-    pub fn new(inner: Body, encoding: Encoding, limits: Limits, check: Check) -> Guarded {
-        Guarded {
-            inner,
+impl Checked {
+    /// Wraps a whole request body (nothing of it read yet).
+    pub fn new(
+        inner: Body,
+        encoding: Encoding,
+        limits: Limits,
+        cardinality: Cardinality,
+        check: Option<Check>,
+    ) -> Checked {
+        Checked {
+            ready: VecDeque::new(),
+            inner: Some(inner),
             pending: BytesMut::new(),
             encoding,
             limits,
+            cardinality,
             check,
+            seen: 0,
             refusal: None,
-            failed: false,
+            slot: None,
         }
     }
 
-    /// Checks the messages `data` completes. On a refusal, returns how many
-    /// bytes at the front of `data` belong to messages that passed (they are
-    /// still delivered, so the service sees every message before the bad one).
-    fn inspect(&mut self, data: &Bytes) -> Result<(), (usize, Status)> {
-        let carried = self.pending.len();
-        self.pending.extend_from_slice(data);
-        let mut passed = 0usize;
-        let good_in_frame = |passed: usize| passed.saturating_sub(carried);
-        loop {
-            let next = split_message(&mut self.pending, self.limits)
-                .map_err(|s| (good_in_frame(passed), s))?;
-            let Some((compressed, msg)) = next else {
-                return Ok(());
-            };
-            let checked = if compressed {
-                decompress(self.encoding, &msg, self.limits.max_decompressed)
-                    .and_then(|plain| (self.check)(&plain))
-            } else {
-                (self.check)(&msg)
-            };
-            if let Err(status) = checked {
-                return Err((good_in_frame(passed), status));
+    /// Decodes and checks the messages now complete in `pending`.
+    fn drain_pending(&mut self) -> Result<(), Status> {
+        while let Some(d) = split_message(&mut self.pending, self.encoding, self.limits)? {
+            if self.cardinality == Cardinality::One && self.seen >= 1 {
+                return Err(second_message());
             }
-            passed += 5 + msg.len();
+            if let Some(check) = self.check.as_mut() {
+                check(&d.message)?;
+            }
+            self.seen += 1;
+            self.ready.push_back(d.framed);
         }
+        Ok(())
+    }
+
+    fn fail(&mut self, status: Status) {
+        self.inner = None;
+        self.pending.clear();
+        if let Some(slot) = &self.slot {
+            slot.set(&status);
+        }
+        self.refusal = Some(status);
     }
 }
 
-impl HttpBody for Guarded {
+impl HttpBody for Checked {
     type Data = Bytes;
     type Error = Status;
 
@@ -313,40 +420,55 @@ impl HttpBody for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if let Some(status) = self.refusal.take() {
-            self.failed = true;
-            return Poll::Ready(Some(Err(status)));
-        }
-        if self.failed {
-            return Poll::Ready(None);
-        }
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match frame {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    if let Err((good, status)) = self.inspect(&data) {
-                        if good == 0 {
-                            self.failed = true;
-                            return Poll::Ready(Some(Err(status)));
-                        }
-                        self.refusal = Some(status);
-                        return Poll::Ready(Some(Ok(Frame::data(data.slice(..good)))));
+        let this = &mut *self;
+        loop {
+            if let Some(m) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(m))));
+            }
+            if let Some(status) = this.refusal.take() {
+                return Poll::Ready(Some(Err(status)));
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    this.inner = None;
+                    if !this.pending.is_empty() {
+                        this.fail(Status::internal(
+                            "request body ended in the middle of a gRPC message",
+                        ));
                     }
                 }
-                Poll::Ready(Some(Ok(frame)))
+                Poll::Ready(Some(Err(status))) => this.fail(status),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if this.pending.is_empty() && this.cardinality == Cardinality::Many {
+                            // Most frames carry whole messages or a part of one.
+                            this.pending = BytesMut::from(data);
+                        } else {
+                            this.pending.extend_from_slice(&data);
+                        }
+                        if let Err(status) = this.drain_pending() {
+                            this.fail(status);
+                        }
+                    }
+                    Err(_) => this.fail(trailers_refused()),
+                },
             }
-            Some(Err(status)) => Poll::Ready(Some(Err(status))),
-            None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.refusal.is_none() && (self.failed || self.inner.is_end_stream())
+        self.ready.is_empty() && self.refusal.is_none() && self.inner.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match (&self.inner, self.ready.len()) {
+            (None, _) => SizeHint::with_exact(self.ready.iter().map(|b| b.len() as u64).sum()),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -354,6 +476,7 @@ impl HttpBody for Guarded {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
+    use std::io::Write;
 
     fn framed(msg: &[u8], compressed: bool) -> Vec<u8> {
         let mut v = vec![u8::from(compressed)];
@@ -374,31 +497,110 @@ mod tests {
         max_decompressed: 4096,
     };
 
+    fn no_budget(_: usize) -> Result<(), Status> {
+        Ok(())
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(data).unwrap();
+        z.finish().unwrap()
+    }
+
     #[tokio::test]
-    async fn peek_across_frames_and_replay_untouched() {
+    async fn a_stream_is_read_to_its_first_message_and_passed_on_whole() {
         let mut wire = framed(b"hello", false);
         wire.extend(framed(b"world", false));
         let original = wire.clone();
         // Split at awkward places: inside the header and inside the message.
         let chunks = vec![wire[..2].to_vec(), wire[2..7].to_vec(), wire[7..].to_vec()];
-        let peeked = peek_first(body_of(chunks), Encoding::Identity, LIMITS)
+        let first = read_first(
+            body_of(chunks),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::Many,
+            no_budget,
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.message.as_deref(), Some(&b"hello"[..]));
+        let all = first
+            .into_body(None, None)
+            .collect()
             .await
-            .unwrap();
-        assert_eq!(peeked.message.as_deref(), Some(&b"hello"[..]));
-        let all = peeked.body.collect().await.unwrap().to_bytes();
+            .unwrap()
+            .to_bytes();
         assert_eq!(&all[..], &original[..]);
     }
 
     #[tokio::test]
-    async fn empty_stream_and_truncated_message() {
-        let peeked = peek_first(body_of(vec![]), Encoding::Identity, LIMITS)
+    async fn a_unary_call_is_read_whole_and_a_second_message_refused() {
+        let one = framed(b"only", false);
+        let first = read_first(
+            body_of(vec![one.clone()]),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::One,
+            no_budget,
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.message.as_deref(), Some(&b"only"[..]));
+        assert_eq!(
+            &first
+                .into_body(None, None)
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()[..],
+            &one[..]
+        );
+
+        let mut two = framed(b"first", false);
+        two.extend(framed(b"second", false));
+        for chunks in [
+            vec![two.clone()],
+            vec![two[..10].to_vec(), two[10..].to_vec()],
+            vec![two[..12].to_vec()],
+        ] {
+            let err = read_first(
+                body_of(chunks),
+                Encoding::Identity,
+                LIMITS,
+                Cardinality::One,
+                no_budget,
+            )
             .await
+            .err()
             .unwrap();
-        assert!(peeked.message.is_none());
-        let err = peek_first(
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn empty_stream_and_truncated_message() {
+        let first = read_first(
+            body_of(vec![]),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::One,
+            no_budget,
+        )
+        .await
+        .unwrap();
+        assert!(first.message.is_none());
+        let err = read_first(
             body_of(vec![framed(b"abc", false)[..6].to_vec()]),
             Encoding::Identity,
             LIMITS,
+            Cardinality::Many,
+            no_budget,
         )
         .await
         .err()
@@ -410,46 +612,169 @@ mod tests {
     async fn a_lying_length_prefix_is_refused_before_reading() {
         let mut head = vec![0u8];
         head.extend((u32::MAX).to_be_bytes());
-        let err = peek_first(body_of(vec![head]), Encoding::Identity, LIMITS)
-            .await
-            .err()
-            .unwrap();
+        let err = read_first(
+            body_of(vec![head]),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::One,
+            no_budget,
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     }
 
     #[tokio::test]
-    async fn gzip_and_zstd_are_decompressed_and_bombs_refused() {
-        use std::io::Write;
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(b"instance").unwrap();
-        let gz = gz.finish().unwrap();
-        let peeked = peek_first(body_of(vec![framed(&gz, true)]), Encoding::Gzip, LIMITS)
-            .await
-            .unwrap();
-        assert_eq!(peeked.message.as_deref(), Some(&b"instance"[..]));
+    async fn the_pending_budget_sees_every_byte_before_it_is_kept() {
+        let wire = framed(&[7u8; 600], false);
+        let mut seen = 0;
+        let err = read_first(
+            body_of(vec![wire[..300].to_vec(), wire[300..].to_vec()]),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::One,
+            |n| {
+                seen += n;
+                if seen > 400 {
+                    Err(Status::resource_exhausted("budget"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    }
 
+    #[test]
+    fn decompression_is_strict_about_what_follows_the_first_member_or_frame() {
+        // One member, stream or frame: fine.
+        assert_eq!(
+            &decompress(Encoding::Gzip, &gzip(b"team-a"), 100).unwrap()[..],
+            b"team-a"
+        );
+        assert_eq!(
+            &decompress(Encoding::Deflate, &zlib(b"team-a"), 100).unwrap()[..],
+            b"team-a"
+        );
+        let z = zstd::encode_all(&b"team-a"[..], 3).unwrap();
+        assert_eq!(&decompress(Encoding::Zstd, &z, 100).unwrap()[..], b"team-a");
+        // Two gzip members (what grpc-js, Java, Go and Python read both of).
+        let mut two = gzip(b"team-a");
+        two.extend(gzip(b"prod"));
+        let err = decompress(Encoding::Gzip, &two, 100).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        // Trailing bytes after a member, a zlib stream, a zstd frame.
+        let mut trailing = gzip(b"team-a");
+        trailing.push(0);
+        assert_eq!(
+            decompress(Encoding::Gzip, &trailing, 100)
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        let mut trailing = zlib(b"team-a");
+        trailing.extend(b"junk");
+        assert_eq!(
+            decompress(Encoding::Deflate, &trailing, 100)
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        let mut frames = zstd::encode_all(&b"team-a"[..], 3).unwrap();
+        frames.extend(zstd::encode_all(&b"prod"[..], 3).unwrap());
+        assert_eq!(
+            decompress(Encoding::Zstd, &frames, 100).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        // Corrupt data, and a truncated member.
+        assert_eq!(
+            decompress(Encoding::Gzip, b"not gzip at all", 100)
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        let g = gzip(b"team-a");
+        assert_eq!(
+            decompress(Encoding::Gzip, &g[..g.len() - 3], 100)
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            decompress(Encoding::Gzip, b"", 100).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[tokio::test]
+    async fn bombs_are_refused_and_the_flag_needs_an_encoding() {
         let bomb = zstd::encode_all(&vec![0u8; 10 << 20][..], 19).unwrap();
         assert!(bomb.len() < 1024);
-        let err = peek_first(body_of(vec![framed(&bomb, true)]), Encoding::Zstd, LIMITS)
-            .await
-            .err()
-            .unwrap();
+        let err = read_first(
+            body_of(vec![framed(&bomb, true)]),
+            Encoding::Zstd,
+            LIMITS,
+            Cardinality::One,
+            no_budget,
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-
-        // Compressed flag without an encoding.
-        let err = peek_first(body_of(vec![framed(&gz, true)]), Encoding::Identity, LIMITS)
-            .await
-            .err()
-            .unwrap();
+        let gz = gzip(&vec![0u8; 1 << 20]);
+        assert_eq!(
+            decompress(Encoding::Gzip, &gz, 4096).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        let err = read_first(
+            body_of(vec![framed(&gzip(b"x"), true)]),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::One,
+            no_budget,
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(err.code(), tonic::Code::Internal);
     }
 
     #[tokio::test]
-    async fn guarded_checks_every_message() {
+    async fn compressed_messages_are_passed_on_as_the_gate_decoded_them() {
+        let mut wire = framed(&gzip(b"first"), true);
+        wire.extend(framed(&gzip(b"second"), true));
+        let first = read_first(
+            body_of(vec![wire]),
+            Encoding::Gzip,
+            LIMITS,
+            Cardinality::Many,
+            no_budget,
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.message.as_deref(), Some(&b"first"[..]));
+        let all = first
+            .into_body(None, None)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let mut expected = framed(b"first", false);
+        expected.extend(framed(b"second", false));
+        assert_eq!(&all[..], &expected[..]);
+    }
+
+    #[tokio::test]
+    async fn checked_checks_every_message_and_delivers_those_before_a_refusal() {
         let mut wire = framed(b"ok", false);
         wire.extend(framed(b"ok", false));
+        let good_len = wire.len();
         wire.extend(framed(b"bad", false));
-        let chunks = vec![wire[..3].to_vec(), wire[3..9].to_vec(), wire[9..].to_vec()];
+        wire.extend(framed(b"ok", false));
         let check: Check = Box::new(|m: &[u8]| {
             if m == b"ok" {
                 Ok(())
@@ -457,36 +782,82 @@ mod tests {
                 Err(Status::permission_denied("changed"))
             }
         });
-        let guarded = Guarded::new(body_of(chunks), Encoding::Identity, LIMITS, check);
-        let err = guarded.collect().await.err().unwrap();
-        assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    }
-
-    #[tokio::test]
-    async fn guarded_delivers_the_good_messages_before_a_refusal() {
-        // Three messages in one frame, the third refused: the first two are
-        // delivered whole, then the error.
-        let mut wire = framed(b"ok", false);
-        wire.extend(framed(b"ok", false));
-        let good_len = wire.len();
-        wire.extend(framed(b"bad", false));
-        let check: Check = Box::new(|m: &[u8]| {
-            if m == b"ok" {
-                Ok(())
-            } else {
-                Err(Status::invalid_argument("changed"))
-            }
-        });
-        let mut guarded = Guarded::new(
+        let mut checked = Checked::new(
             body_of(vec![wire.clone()]),
             Encoding::Identity,
             LIMITS,
-            check,
+            Cardinality::Many,
+            Some(check),
         );
-        let first = guarded.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(&first[..], &wire[..good_len]);
-        let err = guarded.frame().await.unwrap().unwrap_err();
+        let mut got = Vec::new();
+        let err = loop {
+            match checked.frame().await.unwrap() {
+                Ok(f) => got.extend_from_slice(&f.into_data().unwrap()),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            &got[..],
+            &wire[..good_len],
+            "the messages before the refusal, whole"
+        );
+        assert!(checked.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_message_is_not_passed_on_before_it_is_whole() {
+        let wire = framed(b"a message in two frames", false);
+        let (a, b) = wire.split_at(9);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(2);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut checked = Checked::new(
+            Body::new(StreamBody::new(stream)),
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::Many,
+            None,
+        );
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(a))))
+            .await
+            .unwrap();
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(50), checked.frame()).await;
+        assert!(early.is_err(), "half a message was passed on: {early:?}");
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(b))))
+            .await
+            .unwrap();
+        let got = checked.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&got[..], &wire[..]);
+    }
+
+    #[tokio::test]
+    async fn request_trailers_are_refused() {
+        let frames = || {
+            let mut t = HeaderMap::new();
+            t.insert("x-request-actor", "forged".parse().unwrap());
+            vec![
+                Ok::<_, Status>(Frame::data(Bytes::from(framed(b"ok", false)))),
+                Ok(Frame::trailers(t)),
+            ]
+        };
+        let body = Body::new(StreamBody::new(futures_util::stream::iter(frames())));
+        let err = read_first(
+            body,
+            Encoding::Identity,
+            LIMITS,
+            Cardinality::One,
+            no_budget,
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(guarded.frame().await.is_none());
+        let body = Body::new(StreamBody::new(futures_util::stream::iter(frames())));
+        let mut checked = Checked::new(body, Encoding::Identity, LIMITS, Cardinality::Many, None);
+        assert!(checked.frame().await.unwrap().is_ok());
+        let err = checked.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(checked.frame().await.is_none(), "no trailers passed on");
     }
 }

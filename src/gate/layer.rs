@@ -2,17 +2,22 @@
 //!
 //! ```text
 //! 1. route:    path -> RPC name and where its instance lives; unknown -> UNIMPLEMENTED
-//! 2. locate:   peek the first message (decompressing it if needed) for the instance
-//! 3. identify: token / trusted headers / client certificate -> Identity
+//! 2. identify: credentials from the headers -> Identity. A caller refused here
+//!              that cannot be exempt is answered at once: no body byte is read
+//! 3. locate:   read the first message (the whole body of a unary call) within
+//!              the pending-bytes budgets and the first-message timeout, decode
+//!              it as the service will, and read the instance from it
 //! 4. decide:   policy(instance, RPC, identity) -> allow, or PERMISSION_DENIED with the reason
 //! 5. record:   Admission into the request extensions, one audit line,
-//!              credentials stripped and identity headers set from the verified caller
+//!              credentials stripped
 //! ```
 //!
 //! UNAUTHENTICATED means the credentials are missing, malformed, expired or
 //! unverifiable; PERMISSION_DENIED means the caller is known (or anonymous on
 //! an instance that admits anonymous callers) but no rule allows the call.
-//! Messages say why and never contain a token.
+//! Messages say why and never contain a token. Open routes and anonymous
+//! callers draw on their own share of requests in progress, and every byte
+//! buffered before a decision on a budget (see [`super::shares`]).
 //!
 //! ```no_run
 //! # fn f(
@@ -20,15 +25,14 @@
 //! #     upstreams: std::sync::Arc<gridgate::reapi::upstream::Upstreams>,
 //! #     routes: tonic::service::Routes,
 //! # ) {
-//! let server = tonic::transport::Server::builder()
+//! let stack = tower::ServiceBuilder::new()
 //!     .layer(gridgate::gate::GateLayer::new(gate, upstreams))
-//!     .add_routes(routes);
+//!     .service(routes);
 //! # }
 //! ```
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -40,13 +44,16 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::admission::Admission;
 use super::authn::{self, Unauthenticated};
-use super::frame::{self, Encoding};
+use super::frame::{self, Cardinality, Encoding};
 use super::identity::{AuthMethod, Identity};
 use super::policy::SharedStr;
+use super::refusal::Refusal;
 use super::route::{self, Openness, Route, StreamCheck};
 use super::scan;
+use super::shares::AnonymousPlace;
 use super::Gate;
 use super::{observe, request_id};
+use crate::budget::{Budget, Held};
 use crate::config::AuthMethod as Method;
 use crate::conn::ConnInfo;
 use crate::reapi::resource::{self, Access};
@@ -58,7 +65,7 @@ use crate::reapi::upstream::{Upstream, Upstreams};
 pub struct GateLayer {
     gate: Arc<Gate>,
     upstreams: Arc<Upstreams>,
-    in_flight: Arc<InFlight>,
+    in_flight: Option<Arc<Budget>>,
 }
 
 impl GateLayer {
@@ -67,56 +74,15 @@ impl GateLayer {
         GateLayer {
             gate,
             upstreams,
-            in_flight: Arc::new(InFlight::new(usize::MAX)),
+            in_flight: None,
         }
     }
 
     /// Refuses requests beyond `max` in progress at once, with
     /// RESOURCE_EXHAUSTED and without queueing (`limits.max-concurrent-requests`).
     pub fn with_max_in_flight(mut self, max: usize) -> GateLayer {
-        self.in_flight = Arc::new(InFlight::new(max));
+        self.in_flight = Some(Budget::new(max));
         self
-    }
-}
-
-/// Counts requests in progress against a limit.
-pub(crate) struct InFlight {
-    count: AtomicUsize,
-    max: usize,
-}
-
-impl InFlight {
-    fn new(max: usize) -> InFlight {
-        InFlight {
-            count: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// A permit, held until the response ends; `None` at the limit.
-    fn try_acquire(self: &Arc<Self>) -> Option<InFlightPermit> {
-        if self.max == usize::MAX {
-            return None;
-        }
-        let before = self.count.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max {
-            self.count.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(InFlightPermit(self.clone()))
-    }
-
-    fn unlimited(&self) -> bool {
-        self.max == usize::MAX
-    }
-}
-
-/// One request in progress; released on drop.
-pub(crate) struct InFlightPermit(Arc<InFlight>);
-
-impl Drop for InFlightPermit {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -137,11 +103,17 @@ impl<S> Layer<S> for GateLayer {
 pub struct GateService<S> {
     gate: Arc<Gate>,
     upstreams: Arc<Upstreams>,
-    in_flight: Arc<InFlight>,
+    in_flight: Option<Arc<Budget>>,
     inner: S,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a request holds until its response ends.
+pub(crate) struct Permits {
+    _in_flight: Option<Held>,
+    _anonymous: Option<AnonymousPlace>,
+}
 
 impl<S> Service<Request<Body>> for GateService<S>
 where
@@ -165,45 +137,54 @@ where
         let upstreams = self.upstreams.clone();
         let started = Instant::now();
         let request_id = request_id::assign(req.headers_mut());
-        let permit = self.in_flight.try_acquire();
-        if permit.is_none() && !self.in_flight.unlimited() {
-            // Shed at once: queueing would only grow latency and memory.
-            let max = self.in_flight.max;
-            return Box::pin(async move {
-                let outcome = Outcome {
-                    route: gate.routes.get(req.uri().path()).copied(),
-                    decision: ("shed", "max_concurrent_requests"),
-                    ..Outcome::default()
-                };
-                crate::metrics::gate_decision(outcome.decision.0, outcome.decision.1);
-                let mut resp = refuse(Status::resource_exhausted(format!(
-                    "gridgate is at its limit of {max} requests in progress; retry with backoff"
-                )));
-                resp.headers_mut()
-                    .insert(request_id::HEADER, request_id.clone());
-                Ok(observe::observe(resp, outcome, started, request_id, None))
-            });
-        }
+        let in_flight = match &self.in_flight {
+            None => None,
+            Some(budget) => match budget.try_take(1) {
+                Some(held) => Some(held),
+                None => {
+                    // Shed at once: queueing would only grow latency and memory.
+                    let refusal = Refusal::Shed { max: budget.max() };
+                    let mut outcome = Outcome {
+                        route: gate.routes.get(req.uri().path()).copied(),
+                        ..Outcome::default()
+                    };
+                    outcome.decision = refusal.labels();
+                    crate::metrics::gate_decision(outcome.decision.0, outcome.decision.1);
+                    let mut resp = refusal.into_response();
+                    resp.headers_mut()
+                        .insert(request_id::HEADER, request_id.clone());
+                    return Box::pin(std::future::ready(Ok(observe::observe(
+                        resp, outcome, started, request_id, None,
+                    ))));
+                }
+            },
+        };
         Box::pin(async move {
             let mut outcome = Outcome::default();
             let admitted = admit(&gate, req, &mut outcome, &request_id).await;
             crate::metrics::gate_decision(outcome.decision.0, outcome.decision.1);
-            let mut resp = match admitted {
-                Ok(req) => match upstream_for(&upstreams, &req) {
+            let (mut resp, anonymous) = match admitted {
+                Ok((req, anonymous)) => match upstream_for(&upstreams, &req) {
                     Some(upstream) => {
                         outcome.upstream = true;
                         match upstream.oneshot(req).await {
-                            Ok(resp) => resp,
+                            Ok(resp) => (resp, anonymous),
                             Err(never) => match never {},
                         }
                     }
-                    None => inner.call(req).await?,
+                    None => (inner.call(req).await?, anonymous),
                 },
-                Err(refusal) => refusal,
+                Err(refusal) => (refusal.into_response(), None),
             };
             resp.headers_mut()
                 .insert(request_id::HEADER, request_id.clone());
-            Ok(observe::observe(resp, outcome, started, request_id, permit))
+            let permits = (in_flight.is_some() || anonymous.is_some()).then_some(Permits {
+                _in_flight: in_flight,
+                _anonymous: anonymous,
+            });
+            Ok(observe::observe(
+                resp, outcome, started, request_id, permits,
+            ))
         })
     }
 }
@@ -237,20 +218,6 @@ fn reasons() -> &'static Reasons {
     })
 }
 
-/// Refusal as a gRPC response (Trailers-Only).
-fn refuse(status: Status) -> Response<Body> {
-    let unimplemented_encoding = status.code() == tonic::Code::Unimplemented
-        && status.message().starts_with("grpc-encoding");
-    let mut resp = status.into_http::<Body>();
-    if unimplemented_encoding {
-        resp.headers_mut().insert(
-            "grpc-accept-encoding",
-            http::HeaderValue::from_static(frame::ACCEPT_ENCODING),
-        );
-    }
-    resp
-}
-
 /// What admission found out about a request, for its metrics and log lines.
 pub(crate) struct Outcome {
     /// The route, once the path was found in the table.
@@ -280,6 +247,23 @@ impl Outcome {
             self.instance = crate::metrics::instance_label(instance.unwrap_or(""), admitted);
         }
     }
+}
+
+/// The longest client-controlled value written on a log line, in bytes.
+pub const MAX_LOGGED_VALUE: usize = 256;
+
+/// `value` cut to [`MAX_LOGGED_VALUE`] bytes (on a character boundary), with
+/// a note of how long it was: one request never writes more than a few KiB
+/// of log, whatever it sends.
+pub fn bounded(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= MAX_LOGGED_VALUE {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut end = MAX_LOGGED_VALUE;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…({} bytes)", &value[..end], value.len()))
 }
 
 /// What the audit line says about a request.
@@ -319,34 +303,49 @@ impl Audit<'_> {
             invocation = metadata.invocation.as_str(),
             peer = %peer,
             auth = method,
-            actor,
-            subject,
-            workflow,
-            cert,
-            instance = self.instance.unwrap_or(""),
+            actor = %bounded(actor),
+            subject = %bounded(subject),
+            workflow = %bounded(workflow),
+            cert = %bounded(cert),
+            instance = %bounded(self.instance.unwrap_or("")),
             rpc = self.route.rpc,
             decision,
-            reason,
+            reason = %bounded(reason),
             rule = rule.unwrap_or(""),
-            "{decision} {} on {:?}",
+            "{decision} {}",
             self.route.rpc,
-            self.instance.unwrap_or(""),
         );
     }
 }
 
-/// Admits a request (returning it, ready for the service) or refuses it
-/// (returning the gRPC error response).
+/// The size of a request's header list as HTTP/2 counts it (RFC 9113,
+/// section 6.5.2: name, value and 32 bytes per field, pseudo-headers too).
+fn header_list_size(req: &Request<Body>) -> usize {
+    let pseudo = 32 * 4
+        + ":method".len()
+        + req.method().as_str().len()
+        + ":scheme".len()
+        + req.uri().scheme_str().map_or(0, str::len)
+        + ":authority".len()
+        + req.uri().authority().map_or(0, |a| a.as_str().len())
+        + ":path".len()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    req.headers()
+        .iter()
+        .fold(pseudo, |n, (k, v)| n + k.as_str().len() + v.len() + 32)
+}
+
+/// Admits a request (returning it, ready for the service, with the share it
+/// holds if it is anonymous) or refuses it.
 async fn admit(
     gate: &Gate,
     mut req: Request<Body>,
     outcome: &mut Outcome,
     request_id: &http::HeaderValue,
-) -> Result<Request<Body>, Response<Body>> {
+) -> Result<(Request<Body>, Option<AnonymousPlace>), Refusal> {
     // 1. Route.
     let Some(route) = gate.routes.get(req.uri().path()).copied() else {
-        let path = req.uri().path();
-        let shown: String = path.chars().take(200).collect();
+        let shown: String = req.uri().path().chars().take(200).collect();
         tracing::info!(
             target: "gridgate::audit",
             request_id = request_id.to_str().unwrap_or(""),
@@ -354,14 +353,31 @@ async fn admit(
             decision = "deny",
             "unrouted RPC"
         );
-        return Err(refuse(Status::unimplemented(format!(
-            "gridgate does not route {shown}"
-        ))));
+        return Err(Refusal::Unrouted { path: shown });
     };
     outcome.route = Some(route);
-    outcome.decision = ("invalid", "malformed_request");
+    let refused = |outcome: &mut Outcome, refusal: Refusal| {
+        outcome.decision = refusal.labels();
+        refusal
+    };
+    let size = header_list_size(&req);
+    if size > gate.max_header_list {
+        return Err(refused(
+            outcome,
+            Refusal::HeaderList {
+                size,
+                max: gate.max_header_list,
+            },
+        ));
+    }
+    let encoding = Encoding::from_headers(req.headers())
+        .map_err(|s| refused(outcome, Refusal::UnsupportedEncoding(s)))?;
     let conn = req.extensions().get::<Arc<ConnInfo>>().cloned();
     let certificate = conn.as_ref().and_then(|c| c.certificate.clone());
+    let cardinality = match route.stream {
+        StreamCheck::Single => Cardinality::One,
+        _ => Cardinality::Many,
+    };
 
     let open = match route.open {
         Openness::Gated => false,
@@ -369,53 +385,157 @@ async fn admit(
         Openness::Reflection => gate.open_reflection,
     };
     if open {
+        let place = gate
+            .shares
+            .anonymous_place(conn.as_deref())
+            .map_err(|r| refused(outcome, r))?;
         outcome.decision = ("allow", "open_route");
         let identity = Arc::new(Identity::anonymous(certificate));
+        req = req.map(|body| {
+            Body::new(frame::Checked::new(
+                body,
+                encoding,
+                gate.limits,
+                cardinality,
+                None,
+            ))
+        });
         req.extensions_mut().insert(Admission {
             identity,
             instance: None,
             rpc: route.rpc,
             authorizer: gate.clone_authorizer(),
         });
-        return Ok(req);
+        return Ok((req, Some(place)));
     }
 
-    // 2. Locate the instance.
-    let encoding = Encoding::from_headers(req.headers()).map_err(refuse)?;
+    // 2. Identify, from the headers alone.
+    let local = conn.as_ref().is_some_and(|c| c.local);
+    let identified = match gate.method {
+        Method::None => Ok(Arc::new(Identity::anonymous(certificate.clone()))),
+        Method::Jwt => match &gate.jwt {
+            Some(jwt) => {
+                let slot = conn.as_ref().map(|c| &c.token);
+                authn::identify_jwt(jwt, req.headers(), certificate.as_ref(), slot).await
+            }
+            None => Err(Unauthenticated::Malformed("no token verifier configured")),
+        },
+        Method::Headers => {
+            authn::identify_headers(req.headers(), certificate.as_ref()).map(Arc::new)
+        }
+    };
+    // A caller whose credentials failed may still be exempt: loopback with
+    // allow-localhost-requests, or an instance open to anonymous callers
+    // (known only from the first message). Anyone else is refused now,
+    // before a single body byte is read.
+    let (identity, ignored) = match identified {
+        Ok(identity) => (identity, None),
+        Err(why)
+            if (gate.allow_localhost && local) || !gate.unauthenticated_instances.is_empty() =>
+        {
+            (
+                Arc::new(Identity::anonymous(certificate.clone())),
+                Some(why),
+            )
+        }
+        Err(why) => {
+            let audit = Audit {
+                route: &route,
+                conn: conn.as_ref(),
+                instance: None,
+                request_id,
+                headers: req.headers(),
+            };
+            audit.log(None, false, &why.to_string(), None);
+            outcome.set_instance(None, false);
+            return Err(refused(outcome, Refusal::Unauthenticated(why)));
+        }
+    };
+    let anonymous = ignored.is_some();
+    let place = match anonymous {
+        true => Some(
+            gate.shares
+                .anonymous_place(conn.as_deref())
+                .map_err(|r| refused(outcome, r))?,
+        ),
+        false => None,
+    };
+
+    // 3. Locate the instance.
     let instance = if route.locate == route::Locate::None {
+        req = req.map(|body| {
+            Body::new(frame::Checked::new(
+                body,
+                encoding,
+                gate.limits,
+                cardinality,
+                None,
+            ))
+        });
         None
     } else {
         let (parts, body) = req.into_parts();
-        let peeked = tokio::time::timeout(
-            gate.first_message_timeout,
-            frame::peek_first(body, encoding, gate.limits),
-        )
-        .await
-        .map_err(|_| {
-            refuse(Status::deadline_exceeded(format!(
-                "the first request message was not complete within {}s",
-                gate.first_message_timeout.as_secs()
-            )))
-        })?
-        .map_err(refuse)?;
-        let instance = match &peeked.message {
-            Some(msg) => route::locate(&route, msg)
-                .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?,
-            // An empty request stream: the default (empty) message.
-            None => route::locate(&route, &[])
-                .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?,
-        };
-        let body = match (route.stream, &peeked.message) {
-            (StreamCheck::WriteResource, Some(first)) => {
-                guard_write(peeked.body, encoding, gate.limits, first)
+        let mut pending = gate.shares.pending(conn.as_ref(), anonymous);
+        let mut over_budget = None;
+        let read = frame::read_first(body, encoding, gate.limits, cardinality, |n| {
+            pending.take(n).map_err(|r| {
+                let status = Status::resource_exhausted(r.to_string());
+                over_budget = Some(r);
+                status
+            })
+        });
+        let first = match tokio::time::timeout(gate.first_message_timeout, read).await {
+            Err(_) => {
+                return Err(refused(
+                    outcome,
+                    Refusal::FirstMessageTimeout {
+                        seconds: gate.first_message_timeout.as_secs(),
+                    },
+                ))
             }
-            (StreamCheck::BuildEventStream, Some(first)) => {
-                guard_build_events(peeked.body, encoding, gate.limits, first)
-                    .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?
+            Ok(Err(status)) => {
+                let refusal = over_budget
+                    .take()
+                    .unwrap_or_else(|| Refusal::from_frame_status(status));
+                return Err(refused(outcome, refusal));
             }
-            _ => peeked.body,
+            Ok(Ok(first)) => first,
         };
-        req = Request::from_parts(parts, body);
+        let message = first.message.as_deref().unwrap_or(&[]);
+        let instance = route::locate(&route, message).map_err(|e| {
+            refused(
+                outcome,
+                Refusal::Malformed(Status::invalid_argument(e.to_string())),
+            )
+        })?;
+        if let Some(name) = &instance {
+            if name.len() > gate.max_instance_name {
+                return Err(refused(
+                    outcome,
+                    Refusal::InstanceNameTooLong {
+                        len: name.len(),
+                        max: gate.max_instance_name,
+                    },
+                ));
+            }
+        }
+        let check = match (route.stream, &first.message) {
+            (StreamCheck::WriteResource, Some(m)) => Some(write_check(m)),
+            (StreamCheck::BuildEventStream, Some(m)) => {
+                Some(build_event_check(m).map_err(|e| {
+                    refused(
+                        outcome,
+                        Refusal::Malformed(Status::invalid_argument(e.to_string())),
+                    )
+                })?)
+            }
+            _ => None,
+        };
+        let slot = (cardinality == Cardinality::Many).then(frame::RefusalSlot::default);
+        req = Request::from_parts(parts, first.into_body(check, slot.clone()));
+        if let Some(slot) = slot {
+            req.extensions_mut().insert(slot);
+        }
         instance
     };
     // The instance the policy decides on: routes without one (health and
@@ -432,36 +552,15 @@ async fn admit(
         request_id,
         headers: req.headers(),
     };
-
-    // 3. Identify.
-    let exempt = (gate.allow_localhost && conn.as_ref().is_some_and(|c| c.local))
-        || decide_on.is_some_and(|i| gate.unauthenticated_instances.contains(i));
-    let identified = match gate.method {
-        Method::None => Ok(Arc::new(Identity::anonymous(certificate.clone()))),
-        Method::Jwt => match &gate.jwt {
-            Some(jwt) => {
-                let slot = conn.as_ref().map(|c| &c.token);
-                authn::identify_jwt(jwt, req.headers(), certificate.as_ref(), slot).await
-            }
-            None => Err(Unauthenticated::Malformed("no token verifier configured")),
-        },
-        Method::Headers => {
-            authn::identify_headers(req.headers(), certificate.as_ref()).map(Arc::new)
-        }
-    };
-    let (identity, ignored) = match identified {
-        Ok(identity) => (identity, None),
-        Err(why) if exempt => (
-            Arc::new(Identity::anonymous(certificate.clone())),
-            Some(why),
-        ),
-        Err(why) => {
-            outcome.decision = ("unauthenticated", why.metric_label());
-            outcome.set_instance(instance.as_deref(), false);
+    if let Some(why) = &ignored {
+        let exempt = (gate.allow_localhost && local)
+            || decide_on.is_some_and(|i| gate.unauthenticated_instances.contains(i));
+        if !exempt {
             audit.log(None, false, &why.to_string(), None);
-            return Err(refuse(Status::unauthenticated(why.to_string())));
+            outcome.set_instance(instance.as_deref(), false);
+            return Err(refused(outcome, Refusal::Unauthenticated(why.clone())));
         }
-    };
+    }
 
     // 4. Decide.
     let (allowed, reason, rule): (bool, SharedStr, Option<SharedStr>) =
@@ -484,16 +583,15 @@ async fn admit(
                         tracing::warn!(
                             target: "gridgate::audit",
                             rpc = route.rpc,
-                            instance = inst,
-                            actor = identity.actor.as_deref().unwrap_or(""),
-                            "dry-run policy would deny: {would}"
+                            instance = %bounded(inst),
+                            actor = %bounded(identity.actor.as_deref().unwrap_or("")),
+                            "dry-run policy would deny: {}",
+                            bounded(would)
                         );
                     }
-                    outcome.decision = match (d.allowed, identity.method == AuthMethod::Anonymous) {
-                        (true, _) => ("allow", "rule"),
-                        (false, true) => ("deny", "anonymous_no_rule"),
-                        (false, false) => ("deny", "no_rule"),
-                    };
+                    if d.allowed {
+                        outcome.decision = ("allow", "rule");
+                    }
                     (d.allowed, d.reason, d.rule)
                 }
             }
@@ -505,12 +603,13 @@ async fn admit(
     audit.log(Some(&identity), allowed, &reason, rule.as_deref());
     outcome.set_instance(instance.as_deref(), allowed);
     if !allowed {
-        let who = if identity.method == AuthMethod::Anonymous {
-            "anonymous caller: "
-        } else {
-            ""
-        };
-        return Err(refuse(Status::permission_denied(format!("{who}{reason}"))));
+        return Err(refused(
+            outcome,
+            Refusal::Denied {
+                reason,
+                anonymous: identity.method == AuthMethod::Anonymous,
+            },
+        ));
     }
 
     // 5. Record. The caller's token and self-asserted identity go no
@@ -523,18 +622,18 @@ async fn admit(
         rpc: route.rpc,
         authorizer: gate.clone_authorizer(),
     });
-    Ok(req)
+    Ok((req, place))
 }
 
 /// Holds every later ByteStream Write message to the first's resource name
 /// (REAPI lets later messages leave it empty): another instance is
 /// PERMISSION_DENIED, another resource on the same instance INVALID_ARGUMENT.
-fn guard_write(body: Body, encoding: Encoding, limits: frame::Limits, first: &[u8]) -> Body {
+fn write_check(first: &[u8]) -> frame::Check {
     let expected = scan::string_at(first, &[1]).unwrap_or("").to_string();
     let expected_instance = resource::instance_of(&expected, Access::Write)
         .unwrap_or("")
         .to_string();
-    let check: frame::Check = Box::new(move |msg: &[u8]| {
+    Box::new(move |msg: &[u8]| {
         let name = scan::string_at(msg, &[1])
             .map_err(|e| Status::invalid_argument(format!("malformed WriteRequest: {e}")))?;
         if name.is_empty() || name == expected {
@@ -548,8 +647,7 @@ fn guard_write(body: Body, encoding: Encoding, limits: frame::Limits, first: &[u
                 "a later WriteRequest names a different instance than the first",
             )),
         }
-    });
-    Body::new(frame::Guarded::new(body, encoding, limits, check))
+    })
 }
 
 /// The (project_id, stream id) of a PublishBuildToolEventStream message.
@@ -567,14 +665,9 @@ fn build_event_key(msg: &[u8]) -> Result<(String, (String, String, u64)), scan::
 /// Holds every later PublishBuildToolEventStream message to the first's
 /// `project_id` (PERMISSION_DENIED: another instance) and `stream_id`
 /// (INVALID_ARGUMENT: one call carries one stream).
-fn guard_build_events(
-    body: Body,
-    encoding: Encoding,
-    limits: frame::Limits,
-    first: &[u8],
-) -> Result<Body, scan::ScanError> {
+fn build_event_check(first: &[u8]) -> Result<frame::Check, scan::ScanError> {
     let (project, stream) = build_event_key(first)?;
-    let check: frame::Check = Box::new(move |msg: &[u8]| {
+    Ok(Box::new(move |msg: &[u8]| {
         let (p, s) = build_event_key(msg).map_err(|e| {
             Status::invalid_argument(format!("malformed PublishBuildToolEventStreamRequest: {e}"))
         })?;
@@ -589,8 +682,19 @@ fn guard_build_events(
             ));
         }
         Ok(())
-    });
-    Ok(Body::new(frame::Guarded::new(
-        body, encoding, limits, check,
-    )))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_cut_for_logs_on_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(1000);
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_LOGGED_VALUE + 32, "{}", cut.len());
+        assert!(cut.ends_with("…(2000 bytes)"), "{cut}");
+    }
 }

@@ -14,10 +14,12 @@ pub mod jwt;
 pub mod layer;
 mod observe;
 pub mod policy;
+pub mod refusal;
 pub mod reload;
 pub mod request_id;
 pub mod route;
 pub mod scan;
+pub mod shares;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -50,6 +52,9 @@ pub struct Gate {
     pub(crate) open_reflection: bool,
     pub(crate) limits: frame::Limits,
     pub(crate) first_message_timeout: std::time::Duration,
+    pub(crate) max_header_list: usize,
+    pub(crate) max_instance_name: usize,
+    pub(crate) shares: shares::Shares,
     authorizer: Arc<dyn Authorizer>,
 }
 
@@ -165,6 +170,9 @@ impl Gate {
                 max_decompressed: max,
             },
             first_message_timeout: config.limits.first_message_timeout,
+            max_header_list: config.limits.max_header_list_size as usize,
+            max_instance_name: config.limits.max_instance_name_bytes,
+            shares: shares::Shares::new(&config.limits),
             authorizer,
         })
     }

@@ -13,7 +13,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use super::layer::{InFlightPermit, Outcome};
+use super::layer::{Outcome, Permits};
 
 /// What is recorded when the RPC ends.
 struct Pending {
@@ -60,7 +60,7 @@ pub(crate) fn observe(
     outcome: Outcome,
     started: Instant,
     request_id: HeaderValue,
-    permit: Option<InFlightPermit>,
+    permit: Option<Permits>,
 ) -> Response<Body> {
     let measured = crate::metrics::enabled()
         || tracing::enabled!(target: "gridgate::request", tracing::Level::DEBUG);
@@ -91,7 +91,7 @@ pub(crate) fn observe(
 struct Observed {
     inner: Body,
     pending: Option<Pending>,
-    _permit: Option<InFlightPermit>,
+    _permit: Option<Permits>,
 }
 
 impl Observed {

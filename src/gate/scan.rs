@@ -66,12 +66,17 @@ pub enum Kind {
     Varint,
 }
 
-/// Reads a base-128 varint at `*pos`.
+/// Reads a base-128 varint at `*pos`. Like prost, a varint whose tenth byte
+/// would overflow 64 bits (anything but 0 or 1 there) is refused, so the
+/// scanner never reads a value prost would not.
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, ScanError> {
     let mut value: u64 = 0;
     for i in 0..10 {
         let b = *buf.get(*pos).ok_or(ScanError::Truncated)?;
         *pos += 1;
+        if i == 9 && b > 1 {
+            return Err(ScanError::BadVarint);
+        }
         value |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Ok(value);
@@ -312,6 +317,27 @@ mod tests {
         assert_eq!(string_at(&[0x0b, 0x0c], &[1]), Err(ScanError::BadTag));
         // An overlong varint.
         assert_eq!(string_at(&[0xff; 12], &[1]), Err(ScanError::BadVarint));
+        // A 10-byte varint that overflows 64 bits, as a field length and as a
+        // skipped varint value: prost refuses both, so does the scanner.
+        let mut overflow = vec![0x0a];
+        overflow.extend([0xff; 9]);
+        overflow.push(0x02);
+        assert!(reapi::FindMissingBlobsRequest::decode(&overflow[..]).is_err());
+        assert_eq!(string_at(&overflow, &[1]), Err(ScanError::BadVarint));
+        let mut skipped = string_field(1, "team-a");
+        skipped.push(0x78); // field 15, an unknown varint
+
+        skipped.extend([0x80; 9]);
+        skipped.push(0x7f);
+        assert!(reapi::FindMissingBlobsRequest::decode(&skipped[..]).is_err());
+        assert_eq!(string_at(&skipped, &[1]), Err(ScanError::BadVarint));
+        // The largest valid 10-byte varint is still read.
+        let mut max = string_field(1, "team-a");
+        max.push(0x78);
+        max.extend([0xff; 9]);
+        max.push(0x01);
+        assert!(reapi::FindMissingBlobsRequest::decode(&max[..]).is_ok());
+        assert_eq!(string_at(&max, &[1]), Ok("team-a"));
     }
 
     #[test]

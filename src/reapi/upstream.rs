@@ -49,6 +49,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::config::{Config, InstanceBackend, UpstreamConfig};
 use crate::gate::admission::Admission;
 use crate::gate::authn::{ACTOR_HEADER, CALLER_HEADERS, SUBJECT_HEADER, WORKFLOW_HEADER};
+use crate::gate::frame::RefusalSlot;
 
 mod rewrite;
 
@@ -78,6 +79,21 @@ impl Upstream {
     /// Connects lazily (on the first request); must be called within a tokio
     /// runtime. Reads the TLS files.
     pub fn new(public_name: &str, cfg: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let max = crate::config::LimitsConfig::default().max_message_bytes;
+        let limits = crate::gate::frame::Limits {
+            max_message: max,
+            max_decompressed: max,
+        };
+        Upstream::with_limits(public_name, cfg, limits)
+    }
+
+    /// The same, with the message limits of `limits.max-message-bytes`
+    /// for the messages it rewrites.
+    pub fn with_limits(
+        public_name: &str,
+        cfg: &UpstreamConfig,
+        limits: crate::gate::frame::Limits,
+    ) -> Result<Upstream, UpstreamError> {
         let err = |reason: String| UpstreamError::Setup {
             address: cfg.address.clone(),
             reason,
@@ -125,7 +141,7 @@ impl Upstream {
         }
         let rewrite = match &cfg.instance_name {
             Some(upstream) if upstream != public_name => {
-                Some(rewrite::Rewrite::new(public_name, upstream))
+                Some(rewrite::Rewrite::new(public_name, upstream, limits))
             }
             _ => None,
         };
@@ -210,19 +226,98 @@ impl tower::Service<http::Request<Body>> for Upstream {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let this = self.clone();
+        // A client stream the Gate refuses part-way is cut off upstream; the
+        // caller is told the Gate's reason, not the transport error.
+        let slot = req.extensions().get::<RefusalSlot>().cloned();
         Box::pin(async move {
             let (req, response) = match this.prepare(req) {
                 Ok(r) => r,
                 Err(status) => return Ok(status.into_http()),
             };
-            match tower::ServiceExt::oneshot(this.channel.clone(), req).await {
-                Ok(resp) => Ok(match response {
+            let resp = match tower::ServiceExt::oneshot(this.channel.clone(), req).await {
+                Ok(resp) => match response {
                     Some(rewrite) => rewrite.apply(resp),
                     None => resp,
-                }),
-                Err(e) => Ok(transport_status(&this.inner.address, e).into_http()),
-            }
+                },
+                Err(e) => match slot.as_ref().and_then(RefusalSlot::get) {
+                    Some(refusal) => return Ok(refusal.clone().into_http()),
+                    None => transport_status(&this.inner.address, e).into_http(),
+                },
+            };
+            Ok(match slot {
+                Some(slot) => prefer_refusal(resp, slot),
+                None => resp,
+            })
         })
+    }
+}
+
+/// The response, with its status replaced by the Gate's refusal of the
+/// request body if there was one.
+fn prefer_refusal(resp: http::Response<Body>, slot: RefusalSlot) -> http::Response<Body> {
+    if let Some(refusal) = slot.get() {
+        return refusal.clone().into_http();
+    }
+    resp.map(|inner| {
+        Body::new(RefusedOr {
+            inner,
+            slot,
+            done: false,
+        })
+    })
+}
+
+/// A response body whose end reports the Gate's refusal, when the request
+/// body was refused while the response was streaming.
+struct RefusedOr {
+    inner: Body,
+    slot: RefusalSlot,
+    done: bool,
+}
+
+impl RefusedOr {
+    fn refusal_trailers(&mut self) -> Option<http::HeaderMap> {
+        let refusal = self.slot.get()?;
+        self.done = true;
+        // tonic's own encoding of a status as headers (grpc-message is
+        // percent-encoded), without the content-type a response head has.
+        let mut headers = refusal.clone().into_http::<Body>().into_parts().0.headers;
+        headers.remove(http::header::CONTENT_TYPE);
+        Some(headers)
+    }
+}
+
+impl http_body::Body for RefusedOr {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => match self.refusal_trailers() {
+                Some(t) => Poll::Ready(Some(Ok(http_body::Frame::trailers(t)))),
+                None => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(Some(Err(e))) => match self.refusal_trailers() {
+                Some(t) => Poll::Ready(Some(Ok(http_body::Frame::trailers(t)))),
+                None => Poll::Ready(Some(Err(e))),
+            },
+            Poll::Ready(None) => match self.refusal_trailers() {
+                Some(t) => Poll::Ready(Some(Ok(http_body::Frame::trailers(t)))),
+                None => Poll::Ready(None),
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || (self.inner.is_end_stream() && self.slot.get().is_none())
     }
 }
 
@@ -237,9 +332,14 @@ impl Upstreams {
     /// called within a tokio runtime; nothing connects until used).
     pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
         let mut by_name = HashMap::new();
+        let max = config.limits.max_message_bytes;
+        let limits = crate::gate::frame::Limits {
+            max_message: max,
+            max_decompressed: max,
+        };
         for i in &config.instances {
             if let InstanceBackend::Upstream(u) = &i.backend {
-                by_name.insert(i.name.clone(), Upstream::new(&i.name, u)?);
+                by_name.insert(i.name.clone(), Upstream::with_limits(&i.name, u, limits)?);
             }
         }
         Ok(Upstreams { by_name })

@@ -7,26 +7,24 @@
 //! is where the Gate looks for the instance of a later WaitExecution or
 //! GetOperation.
 //!
-//! Bodies are re-framed message by message: each gRPC message is buffered
-//! whole (at most [`MAX_MESSAGE`] bytes), decompressed if its flag says so
-//! (with the body's `grpc-encoding`), the naming field is replaced, and the
-//! message is sent uncompressed (flag 0 is valid whatever the encoding). Every
-//! other field is copied byte for byte.
+//! Bodies are re-framed message by message with the Gate's own framing
+//! ([`crate::gate::frame`]): each gRPC message is buffered whole (at most
+//! `limits.max-message-bytes`), decoded (strictly, if its flag says it is
+//! compressed), the naming field is replaced, and the message is sent
+//! uncompressed (flag 0 is valid whatever the encoding). Every other field is
+//! copied byte for byte.
 
-use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::Status;
 
+use crate::gate::frame::{self, Encoding, Limits};
 use crate::reapi::resource::{self, Access};
-
-/// Largest message rewritten.
-pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// How the request messages name the instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,22 +131,26 @@ impl Names {
 #[derive(Debug, Clone)]
 pub struct Rewrite {
     names: Arc<Names>,
+    limits: Limits,
 }
 
 /// What to do with the response of a rewritten request.
 pub struct ResponseRewrite {
     mode: ResponseMode,
     names: Arc<Names>,
+    limits: Limits,
 }
 
 impl Rewrite {
-    /// Between the public instance `public` and the upstream's `upstream`.
-    pub fn new(public: &str, upstream: &str) -> Rewrite {
+    /// Between the public instance `public` and the upstream's `upstream`;
+    /// messages are held to `limits`.
+    pub fn new(public: &str, upstream: &str, limits: Limits) -> Rewrite {
         Rewrite {
             names: Arc::new(Names {
                 public: public.to_string(),
                 upstream: upstream.to_string(),
             }),
+            limits,
         }
     }
 
@@ -162,18 +164,21 @@ impl Rewrite {
         let response = response.map(|mode| ResponseRewrite {
             mode,
             names: self.names.clone(),
+            limits: self.limits,
         });
         let Some(mode) = mode else {
             return Ok((req, response));
         };
         req.headers_mut()
             .remove(crate::reapi::bytestream::RESOURCE_NAME_HEADER);
-        let encoding = encoding_of(req.headers());
+        let encoding = Encoding::from_headers(req.headers())?;
         let names = self.names.clone();
+        let limits = self.limits;
         let req = req.map(|inner| {
             Body::new(RewriteBody::new(
                 inner,
                 encoding,
+                limits,
                 Box::new(move |msg| rewrite_message(msg, mode, &names)),
             ))
         });
@@ -184,23 +189,24 @@ impl Rewrite {
 impl ResponseRewrite {
     /// Wraps the body of `resp` so its operation names are the public ones.
     pub fn apply(self, resp: http::Response<Body>) -> http::Response<Body> {
-        let encoding = encoding_of(resp.headers());
-        let ResponseRewrite { mode, names } = self;
+        let ResponseRewrite {
+            mode,
+            names,
+            limits,
+        } = self;
+        let encoding = match Encoding::from_headers(resp.headers()) {
+            Ok(e) => e,
+            Err(status) => return status.into_http(),
+        };
         resp.map(|inner| {
             Body::new(RewriteBody::new(
                 inner,
                 encoding,
+                limits,
                 Box::new(move |msg| rewrite_response(msg, mode, &names)),
             ))
         })
     }
-}
-
-fn encoding_of(headers: &http::HeaderMap) -> Option<String> {
-    headers
-        .get("grpc-encoding")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
 }
 
 /// Rewrites one (uncompressed) message.
@@ -211,18 +217,20 @@ struct RewriteBody {
     inner: Body,
     buf: BytesMut,
     rewrite: Rewriter,
-    encoding: Option<String>,
+    encoding: Encoding,
+    limits: Limits,
     trailers: Option<http::HeaderMap>,
     done: bool,
 }
 
 impl RewriteBody {
-    fn new(inner: Body, encoding: Option<String>, rewrite: Rewriter) -> RewriteBody {
+    fn new(inner: Body, encoding: Encoding, limits: Limits, rewrite: Rewriter) -> RewriteBody {
         RewriteBody {
             inner,
             buf: BytesMut::new(),
             rewrite,
             encoding,
+            limits,
             trailers: None,
             done: false,
         }
@@ -230,36 +238,10 @@ impl RewriteBody {
 
     /// The next complete message in the buffer, rewritten and framed.
     fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
-        if self.buf.len() < 5 {
-            return Ok(None);
+        match frame::next_message(&mut self.buf, self.encoding, self.limits)? {
+            None => Ok(None),
+            Some(msg) => Ok(Some(frame::reframe(&(self.rewrite)(&msg)?))),
         }
-        let flag = self.buf[0];
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > MAX_MESSAGE {
-            return Err(Status::resource_exhausted(format!(
-                "message of {len} bytes is too large to rewrite its instance name"
-            )));
-        }
-        if self.buf.len() < 5 + len {
-            return Ok(None);
-        }
-        self.buf.advance(5);
-        let raw = self.buf.split_to(len).freeze();
-        let msg = match flag {
-            0 => raw,
-            1 => Bytes::from(decompress(self.encoding.as_deref(), &raw)?),
-            f => {
-                return Err(Status::internal(format!(
-                    "invalid gRPC compression flag {f}"
-                )))
-            }
-        };
-        let out = (self.rewrite)(&msg)?;
-        let mut framed = BytesMut::with_capacity(5 + out.len());
-        framed.put_u8(0);
-        framed.put_u32(out.len() as u32);
-        framed.put_slice(&out);
-        Ok(Some(framed.freeze()))
     }
 }
 
@@ -307,34 +289,6 @@ impl HttpBody for RewriteBody {
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
     }
-}
-
-fn decompress(encoding: Option<&str>, data: &[u8]) -> Result<Vec<u8>, Status> {
-    let mut out = Vec::new();
-    let limit = MAX_MESSAGE as u64 + 1;
-    let result = match encoding {
-        Some("gzip") => flate2::read::GzDecoder::new(data)
-            .take(limit)
-            .read_to_end(&mut out),
-        Some("deflate") => flate2::read::ZlibDecoder::new(data)
-            .take(limit)
-            .read_to_end(&mut out),
-        Some("zstd") => {
-            zstd::stream::read::Decoder::new(data).and_then(|d| d.take(limit).read_to_end(&mut out))
-        }
-        other => {
-            return Err(Status::unimplemented(format!(
-                "compressed message with grpc-encoding {other:?}"
-            )))
-        }
-    };
-    result.map_err(|e| Status::internal(format!("cannot decompress a message: {e}")))?;
-    if out.len() > MAX_MESSAGE {
-        return Err(Status::resource_exhausted(
-            "decompressed message is too large to rewrite its instance name",
-        ));
-    }
-    Ok(out)
 }
 
 /// The fields of a message as (field number, the field's bytes incl. key).
