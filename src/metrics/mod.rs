@@ -69,7 +69,7 @@ metric_names! {
     RPC_DURATION = "gridgate_rpc_duration_seconds", Histogram, "service, method, instance, code",
         "Time from the request's arrival to the end of its response (streams: to the last message).";
     GATE_DECISIONS = "gridgate_gate_decisions_total", Counter, "outcome, reason",
-        "Gate decisions: outcome allow, deny, unauthenticated or unrouted, with a short reason.";
+        "Gate decisions: outcome allow, deny, unauthenticated, unrouted, invalid or shed, with a short reason.";
     TOKEN_CACHE = "gridgate_token_cache_total", Counter, "result",
         "Verified-token cache lookups: hit or miss (a miss verifies the signature).";
     JWKS_FETCHES = "gridgate_jwks_fetches_total", Counter, "provider, result",
