@@ -19,6 +19,9 @@
 # request: a figure that does not move with other work on the machine, unlike
 # req/s. E.g. CALLGRIND=20000 REPS=1 bench/gate_h2load.sh
 #
+# GRIDGATE=PATH runs that gridgate binary instead of building this tree's
+# (e.g. an older release build, for a before/after comparison).
+#
 # Prints one line per run and a median summary per case. h2load only sees the
 # HTTP status, so a probe with nghttp first checks that the call really returns
 # grpc-status 0 in both modes, and every run's response byte count is compared
@@ -40,7 +43,12 @@ else
 fi
 command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
 
-cargo build --release --quiet --bin gridgate --example make_load
+bin="${GRIDGATE:-./target/release/gridgate}"
+if [[ -n "${GRIDGATE:-}" ]]; then
+  cargo build --release --quiet --example make_load
+else
+  cargo build --release --quiet --bin gridgate --example make_load
+fi
 work="$(mktemp -d)"
 cleanup() { for p in $(jobs -p); do kill "$p" 2>/dev/null; done; rm -rf "$work"; }
 trap cleanup EXIT
@@ -84,7 +92,7 @@ token="$(cat "$work/token")"
 
 declare -A port pids
 start() { # mode
-  "${srv[@]}" ./target/release/gridgate --log warn,gridgate::server=info,gridgate::metrics=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
+  "${srv[@]}" "$bin" --log warn,gridgate::server=info,gridgate::metrics=info serve --config "$work/$1.yaml" 2> "$work/$1.log" &
   pids[$1]=$!
   for _ in $(seq 600); do
     port[$1]="$(grep -o 'listening on 127.0.0.1:[0-9]*' "$work/$1.log" | head -1 | sed 's/.*://')" || true

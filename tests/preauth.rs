@@ -347,7 +347,11 @@ async fn send(
         return Ok(s);
     }
     use http_body_util::BodyExt;
-    let collected = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+    let collected = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
     collected
         .trailers()
         .and_then(status_of)
@@ -425,17 +429,30 @@ async fn unauthenticated_first_messages_cost_the_gateway_nothing() {
             // connection); those over it are refused at once, the few within
             // it time out waiting for the rest of their message.
             assert!(codes.get("Ok").is_none(), "{codes:?}");
-            assert!(codes.get("ResourceExhausted").copied().unwrap_or(0) > 200, "{codes:?}");
+            assert!(
+                codes.get("ResourceExhausted").copied().unwrap_or(0) > 200,
+                "{codes:?}"
+            );
         } else {
             assert_eq!(codes.get("Unauthenticated"), Some(&256), "{codes:?}");
-            assert!(took < Duration::from_secs(10), "refused at once, took {took:?}");
+            assert!(
+                took < Duration::from_secs(10),
+                "refused at once, took {took:?}"
+            );
         }
         assert!(
             after < before + max_growth,
             "RSS grew from {before} to {after} MiB"
         );
         // A well-behaved client is served.
-        let ok = send(&plain_channel(addr).await, FMB, &[("authorization", format!("Bearer {}", token()))], tonic::body::Body::new(http_body_util::Full::new(Bytes::from(fmb("team-a"))))).await.unwrap();
+        let ok = send(
+            &plain_channel(addr).await,
+            FMB,
+            &[("authorization", format!("Bearer {}", token()))],
+            tonic::body::Body::new(http_body_util::Full::new(Bytes::from(fmb("team-a")))),
+        )
+        .await
+        .unwrap();
         assert_eq!(ok.0, Code::Ok, "{ok:?}");
     }
 }
@@ -447,7 +464,10 @@ async fn flood_watch(
     addr: std::net::SocketAddr,
     conns: usize,
     per_conn: usize,
-) -> (Vec<tonic::Streaming<tonic_health::pb::HealthCheckResponse>>, usize) {
+) -> (
+    Vec<tonic::Streaming<tonic_health::pb::HealthCheckResponse>>,
+    usize,
+) {
     let mut tasks = Vec::new();
     for _ in 0..conns {
         let ch = plain_channel(addr).await;
@@ -496,8 +516,16 @@ async fn well_behaved(addr: std::net::SocketAddr, n: usize) -> (usize, Duration)
                 let token = token.clone();
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(fmb("team-a"))));
-                    let r = send(&ch, FMB, &[("authorization", format!("Bearer {token}"))], body).await;
+                    let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(fmb(
+                        "team-a",
+                    ))));
+                    let r = send(
+                        &ch,
+                        FMB,
+                        &[("authorization", format!("Bearer {token}"))],
+                        body,
+                    )
+                    .await;
                     (r, t.elapsed())
                 })
             })
@@ -522,7 +550,12 @@ async fn well_behaved(addr: std::net::SocketAddr, n: usize) -> (usize, Duration)
 #[tokio::test]
 async fn a_flood_of_watch_streams_leaves_authenticated_callers_served() {
     for (limits, conns, per_conn, expected_open) in [
-        ("  max-concurrent-requests: 64\n  max-concurrent-streams: 32\n", 10, 32, 16),
+        (
+            "  max-concurrent-requests: 64\n  max-concurrent-streams: 32\n",
+            10,
+            32,
+            16,
+        ),
         ("", 12, 300, 2500),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -535,11 +568,18 @@ async fn a_flood_of_watch_streams_leaves_authenticated_callers_served() {
             open.len(),
             started.elapsed()
         );
-        assert_eq!(open.len(), expected_open, "open routes hold their share exactly");
+        assert_eq!(
+            open.len(),
+            expected_open,
+            "open routes hold their share exactly"
+        );
         assert_eq!(open.len() + refused, conns * per_conn);
         let (ok, p99) = well_behaved(addr, 200).await;
         eprintln!("  well-behaved client during the flood: {ok}/200 OK, p99 {p99:?}");
-        assert_eq!(ok, 200, "the authenticated client was refused during the flood");
+        assert_eq!(
+            ok, 200,
+            "the authenticated client was refused during the flood"
+        );
         drop(open);
         server.stop().await;
     }
@@ -558,7 +598,11 @@ async fn header_only_requests_wait_within_their_callers_share() {
             ""
         };
         let server = TestServer::start(
-            &jwt_config(dir.path(), extra, "  max-concurrent-requests: 64\n  max-concurrent-streams: 32\n"),
+            &jwt_config(
+                dir.path(),
+                extra,
+                "  max-concurrent-requests: 64\n  max-concurrent-streams: 32\n",
+            ),
             dir.path(),
         )
         .await;
@@ -591,10 +635,17 @@ async fn header_only_requests_wait_within_their_callers_share() {
                 waiting.push(h);
             }
         }
-        eprintln!("exempt {exempt}: {} waiting, answered {codes:?}", waiting.len());
+        eprintln!(
+            "exempt {exempt}: {} waiting, answered {codes:?}",
+            waiting.len()
+        );
         if exempt {
             assert_eq!(waiting.len(), 16, "the anonymous share of 64 is 16");
-            assert_eq!(codes.get("ResourceExhausted"), Some(&(320 - 16)), "{codes:?}");
+            assert_eq!(
+                codes.get("ResourceExhausted"),
+                Some(&(320 - 16)),
+                "{codes:?}"
+            );
         } else {
             assert!(waiting.is_empty());
             assert_eq!(codes.get("Unauthenticated"), Some(&320), "{codes:?}");
@@ -616,11 +667,21 @@ async fn header_only_requests_wait_within_their_callers_share() {
 #[tokio::test]
 async fn a_request_never_writes_more_than_a_few_kib_of_log() {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = jwt_config(dir.path(), "  allow-unauthenticated-instances: [public]\n", "  max-concurrent-streams: 100\n");
+    let yaml = jwt_config(
+        dir.path(),
+        "  allow-unauthenticated-instances: [public]\n",
+        "  max-concurrent-streams: 100\n",
+    );
     let path = dir.path().join("gridgate.yaml");
     std::fs::write(&path, yaml).unwrap();
     let audit = dir.path().join("audit.jsonl");
-    let mut bin = Binary::start(&["serve", "--config", path.to_str().unwrap(), "--audit-log", audit.to_str().unwrap()]);
+    let mut bin = Binary::start(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ]);
     let addr = bin.listening_addr();
     let ch = plain_channel(addr).await;
     let huge = "x".repeat(1 << 20);
@@ -632,18 +693,39 @@ async fn a_request_never_writes_more_than_a_few_kib_of_log() {
     let mut sent = 0usize;
     let cases: Vec<(Vec<(&str, String)>, Vec<u8>, Code)> = vec![
         (vec![], fmb(&huge), Code::InvalidArgument),
-        (vec![("authorization", format!("Bearer {}", token()))], fmb(&huge), Code::InvalidArgument),
+        (
+            vec![("authorization", format!("Bearer {}", token()))],
+            fmb(&huge),
+            Code::InvalidArgument,
+        ),
         (vec![], fmb(&long), Code::Unauthenticated),
-        (vec![("authorization", format!("Bearer {}", token()))], fmb(&long), Code::PermissionDenied),
-        (vec![("authorization", format!("Bearer {long_token}"))], fmb("team-a"), Code::PermissionDenied),
-        (vec![("authorization", format!("Bearer {long_token}"))], fmb(&long), Code::PermissionDenied),
+        (
+            vec![("authorization", format!("Bearer {}", token()))],
+            fmb(&long),
+            Code::PermissionDenied,
+        ),
+        (
+            vec![("authorization", format!("Bearer {long_token}"))],
+            fmb("team-a"),
+            Code::PermissionDenied,
+        ),
+        (
+            vec![("authorization", format!("Bearer {long_token}"))],
+            fmb(&long),
+            Code::PermissionDenied,
+        ),
     ];
     for (headers, body, expected) in cases {
         for _ in 0..4 {
             sent += body.len() + headers.iter().map(|(_, v)| v.len()).sum::<usize>();
-            let (code, msg) = send(&ch, FMB, &headers, tonic::body::Body::new(http_body_util::Full::new(Bytes::from(body.clone()))))
-                .await
-                .unwrap();
+            let (code, msg) = send(
+                &ch,
+                FMB,
+                &headers,
+                tonic::body::Body::new(http_body_util::Full::new(Bytes::from(body.clone()))),
+            )
+            .await
+            .unwrap();
             assert_eq!(code, expected, "{msg}");
             if code == Code::InvalidArgument {
                 assert!(msg.contains("limits.max-instance-name-bytes"), "{msg}");
@@ -657,9 +739,17 @@ async fn a_request_never_writes_more_than_a_few_kib_of_log() {
     let log = std::fs::read_to_string(&audit).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let longest = lines.iter().map(|l| l.len()).max().unwrap_or(0);
-    eprintln!("{} audit lines, {} bytes for {sent} bytes sent; longest line {longest}", lines.len(), log.len());
+    eprintln!(
+        "{} audit lines, {} bytes for {sent} bytes sent; longest line {longest}",
+        lines.len(),
+        log.len()
+    );
     assert!(longest < 4096, "an audit line of {longest} bytes");
-    assert!(log.len() < 24 * 4096, "the audit log grew by {} bytes", log.len());
+    assert!(
+        log.len() < 24 * 4096,
+        "the audit log grew by {} bytes",
+        log.len()
+    );
     assert!(!log.contains(&long), "an instance name was logged whole");
     assert!(!log.contains(&"s".repeat(1000)), "a claim was logged whole");
 }
@@ -670,17 +760,25 @@ async fn a_request_never_writes_more_than_a_few_kib_of_log() {
 async fn oversized_header_lists_get_a_grpc_status_naming_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&jwt_config(dir.path(), "", ""), dir.path()).await;
-    let mut client = re::content_addressable_storage_client::ContentAddressableStorageClient::new(plain_channel(server.tcp()).await);
+    let mut client = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+        plain_channel(server.tcp()).await,
+    );
     let request = || re::FindMissingBlobsRequest {
         instance_name: "team-a".into(),
         ..Default::default()
     };
     // A 20 KiB token.
     let mut req = tonic::Request::new(request());
-    req.metadata_mut().insert("authorization", format!("Bearer {}", "a".repeat(20 << 10)).parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", "a".repeat(20 << 10)).parse().unwrap(),
+    );
     let err = client.find_missing_blobs(req).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("limits.max-header-list-bytes"), "{err:?}");
+    assert!(
+        err.message().contains("limits.max-header-list-bytes"),
+        "{err:?}"
+    );
     // 2000 small headers.
     let mut req = tonic::Request::new(request());
     for i in 0..2000 {
@@ -692,7 +790,9 @@ async fn oversized_header_lists_get_a_grpc_status_naming_the_limit() {
     let err = client.find_missing_blobs(req).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     // Within the limit, the same client is served.
-    let ok = client.find_missing_blobs(tonic::Request::new(request()).tap_token()).await;
+    let ok = client
+        .find_missing_blobs(tonic::Request::new(request()).tap_token())
+        .await;
     assert!(ok.is_ok(), "{ok:?}");
     server.stop().await;
 }
@@ -703,7 +803,10 @@ trait TapToken {
 
 impl<T> TapToken for tonic::Request<T> {
     fn tap_token(mut self) -> Self {
-        self.metadata_mut().insert("authorization", format!("Bearer {}", token()).parse().unwrap());
+        self.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token()).parse().unwrap(),
+        );
         self
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::identity::Identity;
 use super::{jwt, Gate};
-use crate::config::{AuthMethod, Config};
+use crate::config::Config;
 
 /// Exit code when the call would be denied (0: allowed, 1: error).
 pub const DENIED: u8 = 2;
@@ -93,31 +93,14 @@ fn explain(
             "note: {instance:?} is in allow-unauthenticated-instances: callers without credentials are decided as anonymous\n"
         ));
     }
-    let (allowed, reason, rule) = match (config.authorization.method, gate.policy()) {
-        (AuthMethod::None, _) => (
-            true,
-            "authorization none: every call is allowed".to_string(),
-            None,
-        ),
-        (_, None) => (
-            true,
-            "no acl-config: every authenticated caller is allowed".to_string(),
-            None,
-        ),
-        (_, Some(live)) => {
-            let policy = live.current();
-            let d = policy.decide(instance, rpc, &identity);
-            out.push_str(&format!("policy version: {}\n", policy.version()));
-            if let Some(would) = &d.dry_run_denied {
-                out.push_str(&format!("dry-run: would deny: {would}\n"));
-            }
-            (
-                d.allowed,
-                d.reason.to_string(),
-                d.rule.map(|r| r.to_string()),
-            )
-        }
-    };
+    if let Some(live) = gate.policy() {
+        out.push_str(&format!("policy version: {}\n", live.current().version()));
+    }
+    let verdict = gate.decide(Some(instance), rpc, &identity);
+    if let Some(would) = &verdict.dry_run_denied {
+        out.push_str(&format!("dry-run: would deny: {would}\n"));
+    }
+    let (allowed, reason, rule) = (verdict.allowed, verdict.reason, verdict.rule);
     out.push_str(&format!(
         "decision: {} {rpc} on {instance:?}\nreason: {reason}\n",
         if allowed {

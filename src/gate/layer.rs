@@ -202,22 +202,6 @@ fn upstream_for(upstreams: &Upstreams, req: &Request<Body>) -> Option<Upstream> 
     upstreams.get(admission.instance.as_deref()?)
 }
 
-/// The fixed reasons of decisions made without a policy, built once.
-struct Reasons {
-    authorization_none: SharedStr,
-    no_acl: SharedStr,
-    query_scope: SharedStr,
-}
-
-fn reasons() -> &'static Reasons {
-    static REASONS: std::sync::OnceLock<Reasons> = std::sync::OnceLock::new();
-    REASONS.get_or_init(|| Reasons {
-        authorization_none: "authorization none".into(),
-        no_acl: "no ACL configured: authenticated callers are allowed".into(),
-        query_scope: "query over every instance the caller may query".into(),
-    })
-}
-
 /// What admission found out about a request, for its metrics and log lines.
 pub(crate) struct Outcome {
     /// The route, once the path was found in the table.
@@ -563,39 +547,21 @@ async fn admit(
     }
 
     // 4. Decide.
-    let (allowed, reason, rule): (bool, SharedStr, Option<SharedStr>) =
-        if gate.method == Method::None {
-            outcome.decision = ("allow", "authorization_none");
-            (true, reasons().authorization_none.clone(), None)
-        } else {
-            match (&gate.policy, decide_on) {
-                (None, _) => {
-                    outcome.decision = ("allow", "no_acl");
-                    (true, reasons().no_acl.clone(), None)
-                }
-                (Some(_), None) => {
-                    outcome.decision = ("allow", "query_scope");
-                    (true, reasons().query_scope.clone(), None)
-                }
-                (Some(live), Some(inst)) => {
-                    let d = live.current().decide(inst, route.rpc, &identity);
-                    if let Some(would) = &d.dry_run_denied {
-                        tracing::warn!(
-                            target: "gridgate::audit",
-                            rpc = route.rpc,
-                            instance = %bounded(inst),
-                            actor = %bounded(identity.actor.as_deref().unwrap_or("")),
-                            "dry-run policy would deny: {}",
-                            bounded(would)
-                        );
-                    }
-                    if d.allowed {
-                        outcome.decision = ("allow", "rule");
-                    }
-                    (d.allowed, d.reason, d.rule)
-                }
-            }
-        };
+    let verdict = gate.decide(decide_on, route.rpc, &identity);
+    if let Some(would) = &verdict.dry_run_denied {
+        tracing::warn!(
+            target: "gridgate::audit",
+            rpc = route.rpc,
+            instance = %bounded(decide_on.unwrap_or("")),
+            actor = %bounded(identity.actor.as_deref().unwrap_or("")),
+            "dry-run policy would deny: {}",
+            bounded(would)
+        );
+    }
+    if verdict.allowed {
+        outcome.decision = ("allow", verdict.label);
+    }
+    let (allowed, reason, rule) = (verdict.allowed, verdict.reason, verdict.rule);
     let reason = match &ignored {
         Some(why) => SharedStr::from(format!("{reason} (credentials not used: {why})")),
         None => reason,

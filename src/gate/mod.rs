@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod authn;
+pub mod decide;
 pub mod explain;
 pub mod frame;
 pub mod identity;
@@ -55,25 +56,7 @@ pub struct Gate {
     pub(crate) max_header_list: usize,
     pub(crate) max_instance_name: usize,
     pub(crate) shares: shares::Shares,
-    authorizer: Arc<dyn Authorizer>,
-}
-
-/// Answers services' questions with the Gate's own rules.
-struct PolicyAuthorizer {
-    method: AuthMethod,
-    policy: Option<Arc<LivePolicy>>,
-}
-
-impl Authorizer for PolicyAuthorizer {
-    fn allows(&self, identity: &Identity, instance: &str, rpc: &str) -> bool {
-        if self.method == AuthMethod::None {
-            return true;
-        }
-        match &self.policy {
-            None => true,
-            Some(p) => p.current().decide(instance, rpc, identity).allowed,
-        }
-    }
+    decider: Arc<decide::Decider>,
 }
 
 /// Maps the config's JWT section onto the verifier's settings.
@@ -151,10 +134,7 @@ impl Gate {
                 "policy loaded"
             );
         }
-        let authorizer: Arc<dyn Authorizer> = Arc::new(PolicyAuthorizer {
-            method: a.method,
-            policy: policy.clone(),
-        });
+        let decider = Arc::new(decide::Decider::new(a.method, policy.clone()));
         let max = config.limits.max_message_bytes;
         Ok(Gate {
             routes: route::RouteTable::new(),
@@ -173,7 +153,7 @@ impl Gate {
             max_header_list: config.limits.max_header_list_size as usize,
             max_instance_name: config.limits.max_instance_name_bytes,
             shares: shares::Shares::new(&config.limits),
-            authorizer,
+            decider,
         })
     }
 
@@ -208,7 +188,18 @@ impl Gate {
     }
 
     pub(crate) fn clone_authorizer(&self) -> Arc<dyn Authorizer> {
-        self.authorizer.clone()
+        self.decider.clone()
+    }
+
+    /// The one decision (see [`decide`]): may `identity` call `rpc` on
+    /// `instance` (`None`: a query over every instance)?
+    pub fn decide(
+        &self,
+        instance: Option<&str>,
+        rpc: &str,
+        identity: &Identity,
+    ) -> decide::Verdict {
+        self.decider.decide(instance, rpc, identity)
     }
 }
 
