@@ -428,7 +428,7 @@ async fn unauthenticated_first_messages_cost_the_gateway_nothing() {
             // Anonymous callers buffer at most their share (16 MiB on one
             // connection); those over it are refused at once, the few within
             // it time out waiting for the rest of their message.
-            assert!(codes.get("Ok").is_none(), "{codes:?}");
+            assert!(!codes.contains_key("Ok"), "{codes:?}");
             assert!(
                 codes.get("ResourceExhausted").copied().unwrap_or(0) > 200,
                 "{codes:?}"
@@ -691,7 +691,8 @@ async fn a_request_never_writes_more_than_a_few_kib_of_log() {
     long_claims["act"] = serde_json::json!("a".repeat(3000));
     let long_token = key.sign(&long_claims);
     let mut sent = 0usize;
-    let cases: Vec<(Vec<(&str, String)>, Vec<u8>, Code)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, Vec<u8>, Code);
+    let cases: Vec<Case> = vec![
         (vec![], fmb(&huge), Code::InvalidArgument),
         (
             vec![("authorization", format!("Bearer {}", token()))],
