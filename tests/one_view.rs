@@ -111,10 +111,25 @@ impl Recorder {
                                 });
                                 let mut end = http::HeaderMap::new();
                                 end.insert("grpc-status", "0".parse().unwrap());
+                                // Execute answers with an Operation of 200 KB
+                                // (its metadata), so that rewriting its name on
+                                // the way back meets the message limit.
+                                let reply = if parts.uri.path().ends_with("/Execute") {
+                                    let op = gridgate::proto::google::longrunning::Operation {
+                                        name: "main/op-1".into(),
+                                        metadata: Some(prost_types::Any {
+                                            type_url: "type.googleapis.com/x".into(),
+                                            value: vec![7; 200_000],
+                                        }),
+                                        done: false,
+                                        result: None,
+                                    };
+                                    Bytes::from(framed(false, &op.encode_to_vec()))
+                                } else {
+                                    Bytes::from_static(&[0, 0, 0, 0, 0])
+                                };
                                 let frames = vec![
-                                    Ok::<_, std::convert::Infallible>(Frame::data(
-                                        Bytes::from_static(&[0, 0, 0, 0, 0]),
-                                    )),
+                                    Ok::<_, std::convert::Infallible>(Frame::data(reply)),
                                     Ok(Frame::trailers(end)),
                                 ];
                                 let body = http_body_util::StreamBody::new(
@@ -286,15 +301,15 @@ struct Setup {
 }
 
 /// gridgate with instances `x`, `y` and `public` forwarded to one recording
-/// upstream; the caller `ci` may BatchReadBlobs and Write on `x` only;
-/// anonymous callers may BatchReadBlobs on `public`.
+/// upstream; the caller `ci` may BatchReadBlobs, Write and publish build
+/// events on `x` only; anonymous callers may BatchReadBlobs on `public`.
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Recorder::start().await;
     std::fs::write(dir.path().join("hmac.secret"), SECRET).unwrap();
     std::fs::write(
         dir.path().join("acl.yaml"),
-        "x:\n  allow:\n    - subject: ci\n      requests: [BatchReadBlobs, Write]\npublic:\n  allow:\n    - requests: [BatchReadBlobs]\n",
+        "x:\n  allow:\n    - subject: ci\n      requests: [BatchReadBlobs, Write, PublishLifecycleEvent]\npublic:\n  allow:\n    - requests: [BatchReadBlobs]\n",
     )
     .unwrap();
     let up = format!(
@@ -467,7 +482,15 @@ async fn a_build_event_cannot_smuggle_another_project() {
                     component: 1,
                 }),
                 sequence_number: 1,
-                event: None,
+                event: Some(bes::BuildEvent {
+                    event_time: Some(prost_types::Timestamp {
+                        seconds: 1_700_000_000,
+                        nanos: 0,
+                    }),
+                    event: Some(bes::build_event::Event::BuildEnqueued(
+                        bes::build_event::BuildEnqueued { details: None },
+                    )),
+                }),
             }),
             ..Default::default()
         }
@@ -483,6 +506,16 @@ async fn a_build_event_cannot_smuggle_another_project() {
     )
     .await;
     assert_eq!(code, Code::InvalidArgument, "{msg}");
+    // The same event, honestly compressed, is taken.
+    let (code, msg) = call(
+        addr,
+        LIFECYCLE,
+        &[bearer(&s.token), ("grpc-encoding", "gzip".into())],
+        vec![framed(true, &gzip(&event("x")))],
+        None,
+    )
+    .await;
+    assert_eq!(code, Code::Ok, "{msg}");
     s.server.stop().await;
 }
 
@@ -655,6 +688,23 @@ async fn later_and_rewritten_messages_are_held_to_the_message_limit() {
             framed(false, &msg(0, vec![1; 1000], true)),
             framed(true, &gzip(&msg(1000, vec![0; 200_000], false))),
         ],
+        None,
+    )
+    .await;
+    assert_eq!(code, Code::ResourceExhausted, "{text}");
+    // A response message of the rewritten instance over the limit (an
+    // Operation of 200 KB coming back from Execute) is refused too, not
+    // buffered whole.
+    let execute = re::ExecuteRequest {
+        instance_name: "x".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let (code, text) = call(
+        server.tcp(),
+        "/build.bazel.remote.execution.v2.Execution/Execute",
+        &[],
+        vec![framed(false, &execute)],
         None,
     )
     .await;

@@ -220,6 +220,14 @@ pub fn reframe(message: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// `status` as the trailers that end a gRPC response (`grpc-status`, and
+/// `grpc-message` percent-encoded as tonic encodes it).
+pub fn status_trailers(status: &Status) -> HeaderMap {
+    let mut headers = status.clone().into_http::<Body>().into_parts().0.headers;
+    headers.remove(http::header::CONTENT_TYPE);
+    headers
+}
+
 fn trailers_refused() -> Status {
     Status::invalid_argument(
         "request trailers are not accepted (gRPC clients send none; they could carry credentials)",

@@ -279,11 +279,7 @@ impl RefusedOr {
     fn refusal_trailers(&mut self) -> Option<http::HeaderMap> {
         let refusal = self.slot.get()?;
         self.done = true;
-        // tonic's own encoding of a status as headers (grpc-message is
-        // percent-encoded), without the content-type a response head has.
-        let mut headers = refusal.clone().into_http::<Body>().into_parts().0.headers;
-        headers.remove(http::header::CONTENT_TYPE);
-        Some(headers)
+        Some(crate::gate::frame::status_trailers(refusal))
     }
 }
 

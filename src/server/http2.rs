@@ -110,6 +110,7 @@ pub async fn serve_connection<I, S>(
             Ok::<_, Infallible>(resp.map(|inner| Tracked {
                 inner,
                 _stream: stream,
+                ended: false,
             }))
         }
     });
@@ -270,10 +271,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for PrefaceWatch<I> {
     }
 }
 
-/// A response body that keeps its stream counted as open until dropped.
+/// A response body that keeps its stream counted as open until dropped. A
+/// body that fails after the response began ends with its status as
+/// trailers, as gRPC clients expect, rather than with a reset stream.
 struct Tracked {
     inner: Body,
     _stream: OpenStream,
+    ended: bool,
 }
 
 impl HttpBody for Tracked {
@@ -284,11 +288,21 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(status))) => {
+                self.ended = true;
+                let trailers = crate::gate::frame::status_trailers(&status);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
