@@ -351,3 +351,29 @@ fn fifos_are_refused_without_blocking() {
     let policy = policy.unwrap_err().to_string();
     assert!(policy.contains("not a regular file"), "{policy}");
 }
+
+#[test]
+fn addresses_are_shown_without_userinfo() {
+    for (address, shown) in [
+        ("grpc://user:password@host:1", "grpc://host:1"),
+        ("grpcs://tok@[::1]:443/path@x", "grpcs://[::1]:443/path@x"),
+        ("grpc://a@b@host:1", "grpc://host:1"),
+        ("user:password@host:1", "host:1"),
+        ("grpc://host:1", "grpc://host:1"),
+        ("grpc://host:1/?q=a@b", "grpc://host:1/?q=a@b"),
+    ] {
+        assert_eq!(without_userinfo(address), shown, "{address}");
+    }
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    let c = parse(&format!("{base}instances:\n  - name: p\n    upstream: {{ address: \"grpc://ci:s3cret@127.0.0.1:50052\", headers: {{ x-token: t0ken }} }}\n")).unwrap();
+    let InstanceBackend::Upstream(u) = &c.instances[0].backend else {
+        panic!("not an upstream")
+    };
+    let debug = format!("{u:?}");
+    assert!(
+        !debug.contains("s3cret") && !debug.contains("t0ken"),
+        "{debug}"
+    );
+    assert!(c.summary().contains("upstream grpc://127.0.0.1:50052"));
+    assert!(!c.summary().contains("s3cret"));
+}
