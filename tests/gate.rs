@@ -578,6 +578,48 @@ async fn client_certificate_identity_alone_or_with_a_token() {
     server.stop().await;
 }
 
+/// A `cert: subject:` rule matches the RFC 4514 subject exactly: a common
+/// name made to look like more attributes (`team-b-bot, O=Example` under
+/// `O=Evil Corp`) is one escaped value and does not match.
+#[tokio::test]
+async fn a_subject_rule_is_not_fooled_by_a_common_name_that_looks_like_attributes() {
+    use rcgen::DnType::{CommonName, OrganizationName};
+    let certs = Certs::new();
+    write(
+        certs.dir.path(),
+        "acl.yaml",
+        "\"\":\n  allow:\n    - cert: { subject: 'CN=team-b-bot,O=Example' }\n      requests: [Check]\n",
+    );
+    let key = hs_key();
+    std::fs::write(certs.dir.path().join("hmac.secret"), key.secret()).unwrap();
+    let yaml = format!(
+        "server:\n  - !channel\n    address: \"127.0.0.1:0\"\n{}authorization:\n  method: jwt\n  algorithm: hs256\n  secret: hmac.secret\n  acl-config: acl.yaml\n  open-health: false\n",
+        certs.credentials_yaml(true)
+    );
+    let genuine = certs.client_with_subject(
+        "team-b-bot",
+        &[(OrganizationName, "Example"), (CommonName, "team-b-bot")],
+    );
+    let forged = certs.client_with_subject(
+        "forged",
+        &[
+            (OrganizationName, "Evil Corp"),
+            (CommonName, "team-b-bot, O=Example"),
+        ],
+    );
+    let server = TestServer::start(&yaml, certs.dir.path()).await;
+    let ch = tls_channel(server.tcp(), &certs.ca, Some((&genuine.0, &genuine.1)))
+        .await
+        .unwrap();
+    assert_eq!(health_check(ch).await.unwrap(), ServingStatus::Serving);
+    let ch = tls_channel(server.tcp(), &certs.ca, Some((&forged.0, &forged.1)))
+        .await
+        .unwrap();
+    let err = health_check(ch).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn unauthenticated_instances_and_localhost_still_obey_acls() {
     let dir = tempfile::tempdir().unwrap();
