@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use jsonwebtoken::Algorithm;
-use jwks_server::{claims, now, Behavior, JwksServer, TestKey};
+use jwks_server::{claims, now, rsa_1024_jwk, Behavior, JwksServer, TestKey};
 use serde_json::json;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -251,6 +251,41 @@ async fn every_asymmetric_family_from_a_jwks_server() {
         assert_eq!(err.code(), Code::Unauthenticated, "{alg}");
         server.stop().await;
     }
+}
+
+/// A key set that publishes a 1024-bit key beside a 2048-bit one: the server
+/// warns about the small key (URL, kid, size) and serves tokens of the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1024_bit_key_in_a_key_set_is_skipped_with_a_warning() {
+    let good = TestKey::rsa(Algorithm::RS256, "current");
+    let jwks =
+        JwksServer::start_with_document(json!({"keys": [rsa_1024_jwk("legacy-1024"), good.jwk()]}))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "gridgate.yaml",
+        &jwks_config(&jwks.url(), "rs256", ""),
+    );
+    let mut server = Binary::start(&["serve", "--config", &path]);
+    let addr = tokio::task::block_in_place(|| server.listening_addr());
+    let warning = tokio::task::block_in_place(|| {
+        server.wait_for_line("skipping an RSA key", Duration::from_secs(20))
+    })
+    .unwrap_or_else(|| panic!("no warning; stderr: {:#?}", server.seen));
+    for part in [
+        "WARN",
+        jwks.url().as_str(),
+        "legacy-1024",
+        "RSA key of 1024 bits; at least 2048 are needed",
+    ] {
+        assert!(warning.contains(part), "{part:?} not in {warning}");
+    }
+    let token = good.sign(&claims(ISS, AUD, "ci"));
+    assert_eq!(
+        check(addr, Some(&token)).await.unwrap(),
+        ServingStatus::Serving
+    );
 }
 
 #[tokio::test]

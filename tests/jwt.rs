@@ -14,7 +14,8 @@ use gridgate::gate::jwt::{
 };
 use jsonwebtoken::Algorithm;
 use jwks_server::{
-    b64url, claims, now, random_bytes, unsigned_token, Behavior, JwksServer, TestKey,
+    b64url, claims, now, random_bytes, rsa_1024_jwk, unsigned_token, Behavior, JwksServer, TestKey,
+    RSA_1024_PUBLIC_PEM,
 };
 use serde_json::{json, Value};
 
@@ -1620,4 +1621,51 @@ async fn timings() {
     time("HS256 uncached", 20_000, &hs_uncached, &hs_token).await;
     time("RS256 uncached", 5_000, &rs_uncached, &rs_token).await;
     time("RS256 cache hit", 200_000, &rs_cached, &rs_token).await;
+}
+
+// ---------------------------------------------------------------- RSA key sizes
+
+#[test]
+fn a_1024_bit_rsa_public_key_is_refused_when_the_authenticator_is_built() {
+    let err = JwtAuthenticator::new(settings(vec![provider(
+        "buildgrid",
+        None,
+        &[Algorithm::RS256],
+        KeySource::PublicKeyPem(RSA_1024_PUBLIC_PEM.as_bytes().to_vec()),
+        &[],
+    )]))
+    .expect_err("refused");
+    assert!(matches!(err, JwtConfigError::RsaKeySize { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "provider \"buildgrid\": RSA key of 1024 bits; at least 2048 are needed"
+    );
+    // A 2048-bit key of the same kind loads.
+    assert!(JwtAuthenticator::new(settings(vec![provider(
+        "buildgrid",
+        None,
+        &[Algorithm::RS256],
+        KeySource::PublicKeyPem(rsa_key(0).public_pem().as_bytes().to_vec()),
+        &[],
+    )]))
+    .is_ok());
+}
+
+#[tokio::test]
+async fn a_key_set_with_a_1024_bit_key_still_serves_its_other_keys() {
+    let good = rsa_key(0);
+    let server =
+        JwksServer::start_with_document(json!({"keys": [rsa_1024_jwk("old-1024"), good.jwk()]}))
+            .await;
+    let auth = jwks_auth(&server, &[Algorithm::RS256], None, &[]).await;
+    assert!(auth.ready(), "the 2048-bit key makes the set usable");
+    assert!(auth.authenticate(&good.sign(&base())).await.is_ok());
+    // The small key was skipped: its kid is unknown.
+    let token = rsa_key(1).sign_with_header(&json!({"alg": "RS256", "kid": "old-1024"}), &base());
+    assert_eq!(auth.authenticate(&token).await, Err(AuthError::UnknownKey));
+
+    // A set of nothing but the small key has no usable key.
+    let small = JwksServer::start_with_document(json!({"keys": [rsa_1024_jwk("old-1024")]})).await;
+    let auth = jwks_auth(&small, &[Algorithm::RS256], None, &[]).await;
+    assert!(!auth.ready());
 }

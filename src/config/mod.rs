@@ -1204,6 +1204,11 @@ impl Validator {
                             ),
                         ));
                     }
+                    if crate::gate::jwks::AlgSet::RSA.contains(algorithm) {
+                        crate::gate::jwt::check_rsa_pem_size(&bytes).map_err(|e| {
+                            self.err(&k("secret"), &format!("{}: {e}", path.display()))
+                        })?;
+                    }
                     JwtKeyConfig::PublicKeyPem(bytes)
                 }
             }

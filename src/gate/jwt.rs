@@ -242,6 +242,15 @@ pub enum JwtConfigError {
         /// The minimum length in bytes.
         minimum: usize,
     },
+    /// The public key is an RSA key of a size that cannot verify signatures.
+    #[error("provider {provider:?}: {source}")]
+    RsaKeySize {
+        /// The provider's name.
+        provider: String,
+        /// The size and the limit.
+        #[source]
+        source: jwks::RsaKeyError,
+    },
     /// The public key PEM cannot be used.
     #[error("provider {provider:?}: bad public key: {reason}")]
     BadPublicKey {
@@ -1011,6 +1020,16 @@ fn build_provider(p: ProviderSettings, leeway_secs: u64) -> Result<Provider, Jwt
                     reason,
                 }
             })?;
+            jwks::check_rsa_key(&key).map_err(|source| match source {
+                jwks::RsaKeyError::Malformed => JwtConfigError::BadPublicKey {
+                    provider: name.clone(),
+                    reason: "not a readable RSA public key",
+                },
+                source => JwtConfigError::RsaKeySize {
+                    provider: name.clone(),
+                    source,
+                },
+            })?;
             ProviderKeys::Static(Arc::new(VerifyKey {
                 kid: None,
                 algorithms: alg_set,
@@ -1094,6 +1113,19 @@ fn hmac_minimum(alg: Algorithm) -> usize {
         Algorithm::HS384 => 48,
         Algorithm::HS512 => 64,
         _ => 32,
+    }
+}
+
+/// Checks the size of the RSA key in a PEM, so that the config can refuse
+/// it with the file and key path. A PEM that holds no RSA public key passes:
+/// it is refused when the authenticator is built.
+pub fn check_rsa_pem_size(pem: &[u8]) -> Result<(), jwks::RsaKeyError> {
+    match DecodingKey::from_rsa_pem(pem) {
+        Ok(key) => match jwks::check_rsa_key(&key) {
+            Err(jwks::RsaKeyError::Malformed) => Ok(()),
+            other => other,
+        },
+        Err(_) => Ok(()),
     }
 }
 

@@ -417,6 +417,28 @@ impl TestKey {
     }
 }
 
+/// A real 1024-bit RSA public key (PEM, SubjectPublicKeyInfo), as BuildGrid's
+/// own RS256 test key is: too small for aws-lc-rs to verify with.
+pub const RSA_1024_PUBLIC_PEM: &str = include_str!("../keys/rs1024.pub.pem");
+
+/// The public JWK (RS256, `use: sig`) of [`RSA_1024_PUBLIC_PEM`] with this `kid`.
+pub fn rsa_1024_jwk(kid: &str) -> Value {
+    use x509_parser::prelude::FromDer as _;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(RSA_1024_PUBLIC_PEM.as_bytes()).expect("PEM");
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&pem.contents).expect("SPKI");
+    let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
+        panic!("not an RSA key")
+    };
+    let n: Vec<u8> = rsa
+        .modulus
+        .iter()
+        .copied()
+        .skip_while(|b| *b == 0)
+        .collect();
+    assert_eq!(n.len() * 8, 1024);
+    json!({"kty": "RSA", "n": b64url(n), "e": b64url(rsa.exponent), "kid": kid, "alg": "RS256", "use": "sig"})
+}
+
 /// The key set document serving these keys' public JWKs.
 pub fn jwks(keys: &[&TestKey]) -> Value {
     json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() })
