@@ -359,6 +359,105 @@ async fn key_rotation_outage_and_injection() {
     server.stop().await;
 }
 
+/// Key rotation inside the refetch hold-off: the issuer publishes a new key
+/// right after someone else's unknown kid (perhaps an attacker's) made the
+/// gateway fetch; a token signed with the new key waits for the next
+/// permitted fetch and is accepted. Also when the new key is published while
+/// that fetch is under way and a flood of unknown kids comes with the token:
+/// they all share one fetch per hold-off.
+#[tokio::test]
+async fn a_new_signing_key_is_accepted_inside_the_refetch_hold_off() {
+    const HOLD_OFF: Duration = Duration::from_secs(2);
+    const SLOW_FETCH: Duration = Duration::from_millis(400);
+    let k1 = TestKey::rsa(Algorithm::RS256, "k1");
+    let k2 = TestKey::rsa(Algorithm::RS256, "k2");
+    let k3 = TestKey::rsa(Algorithm::RS256, "k3");
+    let attacker = TestKey::rsa(Algorithm::RS256, "attacker");
+    let jwks = JwksServer::start(&[&k1]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &jwks_config(&jwks.url(), "rs256", "  jwks-refetch-min-seconds: 2\n"),
+        dir.path(),
+    )
+    .await;
+    let addr = server.tcp();
+    let token = |key: &TestKey, kid: &str| {
+        key.sign_with_header(&json!({"alg": "RS256", "kid": kid}), &claims(ISS, AUD, kid))
+    };
+    assert_eq!(
+        check(addr, Some(&token(&k1, "k1"))).await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert_eq!(jwks.requests(), 1);
+
+    // An unknown kid: one fetch at once, then the hold-off.
+    let err = check(addr, Some(&token(&attacker, "evil-0")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "unknown signing key");
+    assert_eq!(jwks.requests(), 2);
+    let fetched = std::time::Instant::now();
+    // Right after, the issuer rotates in k2 and a k2 token arrives.
+    jwks.set_keys(&[&k1, &k2]);
+    let asked = std::time::Instant::now();
+    assert_eq!(
+        check(addr, Some(&token(&k2, "k2"))).await.unwrap(),
+        ServingStatus::Serving
+    );
+    let waited = asked.elapsed();
+    eprintln!("the k2 token waited {waited:?} for the next permitted fetch");
+    assert!(
+        fetched.elapsed() >= HOLD_OFF - Duration::from_millis(50),
+        "fetched again inside the hold-off"
+    );
+    assert!(
+        waited <= HOLD_OFF + Duration::from_millis(500),
+        "{waited:?}"
+    );
+    assert_eq!(jwks.requests(), 3, "one more fetch, after the hold-off");
+
+    // The race: a slow fetch for an attacker's kid is under way when k3 is
+    // published; k3's token and 20 more unknown kids arrive meanwhile.
+    tokio::time::sleep(HOLD_OFF).await;
+    jwks.set_behavior(Behavior::Delay(SLOW_FETCH));
+    let first = tokio::spawn({
+        let t = token(&attacker, "evil-1");
+        async move { check(addr, Some(&t)).await }
+    });
+    assert!(jwks.wait_for_requests(4, Duration::from_secs(5)).await);
+    jwks.set_keys(&[&k1, &k2, &k3]);
+    let asked = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for i in 0..20 {
+        let t = token(&attacker, &format!("flood-{i}"));
+        flood.push(tokio::spawn(async move { check(addr, Some(&t)).await }));
+    }
+    let rotated = tokio::spawn({
+        let t = token(&k3, "k3");
+        async move { check(addr, Some(&t)).await }
+    });
+    assert_eq!(rotated.await.unwrap().unwrap(), ServingStatus::Serving);
+    let waited_race = asked.elapsed();
+    eprintln!("the k3 token waited {waited_race:?} (published during a fetch under way)");
+    for f in flood {
+        let err = f.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(err.message(), "unknown signing key");
+    }
+    let flood_done = asked.elapsed();
+    assert!(
+        flood_done <= HOLD_OFF + SLOW_FETCH * 2 + Duration::from_millis(500),
+        "{flood_done:?}"
+    );
+    assert_eq!(
+        first.await.unwrap().unwrap_err().message(),
+        "unknown signing key"
+    );
+    assert_eq!(jwks.requests(), 5, "the waiters shared one fetch");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn health_is_not_serving_until_the_first_key_set() {
     let key = TestKey::rsa(Algorithm::RS256, "k1");

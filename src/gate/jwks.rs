@@ -8,7 +8,12 @@
 //!   1 s, after a failed fetch), from the task [`JwksSource::spawn_refresher`] starts,
 //! - on demand when a token names a `kid` the set does not have
 //!   ([`JwksSource::refetch_on_demand`]): at most one such fetch per
-//!   [`JwksSettings::min_refetch_interval`], and concurrent callers share it.
+//!   [`JwksSettings::min_refetch_interval`] (the hold-off), and concurrent
+//!   callers share it. A token that arrives inside the hold-off (after
+//!   another unknown kid, perhaps an attacker's) waits for the next permitted
+//!   fetch instead of being refused, so a key rotation never refuses a valid
+//!   token; at most [`MAX_REFETCH_WAITERS`] requests wait at once, later ones
+//!   are refused at once.
 //!
 //! The keys of several URLs are merged. Each URL keeps its last good keys: a fetch that
 //! fails (unreachable, time-out, status other than 200, a body over
@@ -43,6 +48,11 @@ pub const MAX_KID_BYTES: usize = 256;
 const MAX_REDIRECTS: usize = 5;
 /// The first retry delay after a failed fetch; it doubles up to the refresh interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The most requests of one provider that wait at once for a fetch triggered
+/// by an unknown `kid`; more are refused at once ("unknown signing key").
+/// Each waits at most the hold-off and the fetch, so a flood of unknown kids
+/// holds at most this many requests (and one fetch per hold-off).
+pub const MAX_REFETCH_WAITERS: usize = 1024;
 
 /// How to fetch and keep the key set of one provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -572,9 +582,17 @@ pub struct JwksSource {
     allowed: AlgSet,
     client: reqwest::Client,
     current: RwLock<Arc<KeySet>>,
-    fetch_lock: tokio::sync::Mutex<FetchState>,
-    /// Completed fetch rounds (successful or not).
-    rounds: AtomicU64,
+    /// Held for the length of a fetch; owned so that a fetch runs in its own
+    /// task, to the end, whoever of its waiters goes away.
+    fetch_lock: Arc<tokio::sync::Mutex<FetchState>>,
+    /// How many fetch rounds have begun; a round's number is this count when it began.
+    rounds_begun: AtomicU64,
+    /// The number of the last completed round (successful or not).
+    last_round_done: AtomicU64,
+    /// Whether that round fetched every URL.
+    last_round_ok: std::sync::atomic::AtomicBool,
+    /// Requests waiting in [`JwksSource::refetch_on_demand`].
+    refetch_waiters: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for JwksSource {
@@ -645,15 +663,18 @@ impl JwksSource {
                 fetched_at: vec![None; url_count],
                 max_staleness: settings.max_staleness,
             })),
-            fetch_lock: tokio::sync::Mutex::new(FetchState {
+            fetch_lock: Arc::new(tokio::sync::Mutex::new(FetchState {
                 urls: (0..url_count).map(|_| UrlKeys::default()).collect(),
                 last_on_demand: None,
-            }),
+            })),
             settings,
             urls,
             allowed,
             client,
-            rounds: AtomicU64::new(0),
+            rounds_begun: AtomicU64::new(0),
+            last_round_done: AtomicU64::new(0),
+            last_round_ok: std::sync::atomic::AtomicBool::new(false),
+            refetch_waiters: tokio::sync::Semaphore::new(MAX_REFETCH_WAITERS),
         })
     }
 
@@ -711,29 +732,67 @@ impl JwksSource {
         crate::metrics::jwks_gauges(&self.name, keys, age);
     }
 
-    /// Fetches the key set again because a token named a `kid` it does not have, at
-    /// most once per [`JwksSettings::min_refetch_interval`]. A caller that waited for
-    /// a fetch under way shares its result. Returns whether a fetch completed since
-    /// the call began (the caller should then look at the keys again).
-    pub async fn refetch_on_demand(&self) -> bool {
-        let rounds_before = self.rounds.load(Ordering::Acquire);
-        let mut state = self.fetch_lock.lock().await;
-        if self.rounds.load(Ordering::Acquire) != rounds_before {
+    /// Fetches the key set again because a token named a `kid` it does not
+    /// have (or the set has no usable key), at most once per
+    /// [`JwksSettings::min_refetch_interval`] (the hold-off). Returns whether
+    /// a fetch that answers the call completed (the caller should then look
+    /// at the keys again): one that began after the call began, or one under
+    /// way then if it failed or the caller does not `wait`. Concurrent
+    /// callers share that fetch.
+    ///
+    /// Inside the hold-off, a caller with `wait` waits for the next permitted
+    /// fetch (at most the hold-off, then the fetch itself); without `wait` it
+    /// gets `false` at once. Beyond [`MAX_REFETCH_WAITERS`] callers at once,
+    /// `false` at once too.
+    pub async fn refetch_on_demand(self: &Arc<Self>, wait: bool) -> bool {
+        let Ok(_waiting) = self.refetch_waiters.try_acquire() else {
+            tracing::debug!(provider = %self.name, "too many requests waiting for a key set fetch");
+            return false;
+        };
+        let done_before = self.last_round_done.load(Ordering::Acquire);
+        let begun_before = self.rounds_begun.load(Ordering::Acquire);
+        loop {
+            let mut state = self.fetch_lock.clone().lock_owned().await;
+            let done = self.last_round_done.load(Ordering::Acquire);
+            // A fetch that began after this call answers it. One already
+            // under way does too for an empty set, and for an unknown kid
+            // when it failed (the key server is in trouble: another fetch
+            // would double the wait for nothing); when it succeeded it may
+            // have asked before the new key was published, so the caller
+            // waits for the next.
+            let under_way_answers = !wait || !self.last_round_ok.load(Ordering::Acquire);
+            if done > begun_before || (under_way_answers && done > done_before) {
+                return true;
+            }
+            let now = Instant::now();
+            let next_permitted = state
+                .last_on_demand
+                .map(|at| at + self.settings.min_refetch_interval)
+                .filter(|next| *next > now);
+            if let Some(next) = next_permitted {
+                if !wait {
+                    return false;
+                }
+                drop(state);
+                tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+                continue;
+            }
+            state.last_on_demand = Some(now);
+            tracing::debug!(provider = %self.name, "unknown key id: fetching the key set again");
+            // In its own task: a caller that goes away (or its deadline) must
+            // not cancel the fetch the other waiters wait for.
+            let this = self.clone();
+            let fetch = tokio::spawn(async move {
+                let mut state = state;
+                this.fetch_all(&mut state).await;
+            });
+            let _ = fetch.await;
             return true;
         }
-        let now = Instant::now();
-        if state.last_on_demand.is_some_and(|at| {
-            now.saturating_duration_since(at) < self.settings.min_refetch_interval
-        }) {
-            return false;
-        }
-        state.last_on_demand = Some(now);
-        tracing::debug!(provider = %self.name, "unknown key id: fetching the key set again");
-        self.fetch_all(&mut state).await;
-        true
     }
 
     async fn fetch_all(&self, state: &mut FetchState) -> bool {
+        let round = self.rounds_begun.fetch_add(1, Ordering::AcqRel) + 1;
         let results =
             futures_util::future::join_all(self.urls.iter().map(|url| self.fetch_one(url.clone())))
                 .await;
@@ -759,7 +818,8 @@ impl JwksSource {
             }
         }
         self.publish(state);
-        self.rounds.fetch_add(1, Ordering::AcqRel);
+        self.last_round_ok.store(all_ok, Ordering::Release);
+        self.last_round_done.store(round, Ordering::Release);
         all_ok
     }
 

@@ -11,7 +11,8 @@
 //!   -> provider: the only one (BuildGrid style, no issuer), or chosen by the exact
 //!      unverified `iss` (verified again after the signature)
 //!   -> key: the static secret / PEM key, or the JWKS key with the token's `kid`
-//!      (an unknown kid triggers one rate-limited refetch)
+//!      (an unknown kid triggers one rate-limited refetch; inside the hold-off
+//!      the token waits for the next one)
 //!   -> jsonwebtoken::decode with the Validation pre-built for (provider, alg):
 //!      signature, `exp` (required), `nbf`, `iss`, `aud` (required when configured)
 //!   -> own checks: `iat` not in the future, lifetime cap, no duplicate claim names
@@ -909,24 +910,26 @@ impl Drop for JwtAuthenticator {
 }
 
 /// Finds the keys of a key set that may verify a token, refetching once if the
-/// `kid` is unknown or the set is empty.
+/// `kid` is unknown (waiting out the refetch hold-off if need be, so that a
+/// new key is found) or the set is empty (not waiting: the key server is
+/// down, and the periodic refresh retries).
 async fn find_keys(
-    source: &JwksSource,
+    source: &Arc<JwksSource>,
     kid: Option<&str>,
     alg: Algorithm,
 ) -> Result<Vec<Arc<VerifyKey>>, AuthError> {
     let mut refetched = false;
     loop {
         let selection = source.current().select(kid, alg, Instant::now());
-        let error = match selection {
+        let (error, wait) = match selection {
             Selection::Found(keys) => return Ok(keys),
             Selection::AlgorithmMismatch => return Err(AuthError::KeyAlgorithmMismatch),
             Selection::Ambiguous => return Err(AuthError::AmbiguousKey),
             Selection::NoKeyForAlgorithm => return Err(AuthError::UnknownKey),
-            Selection::UnknownKid => AuthError::UnknownKey,
-            Selection::NoKeys => AuthError::NoKeys,
+            Selection::UnknownKid => (AuthError::UnknownKey, true),
+            Selection::NoKeys => (AuthError::NoKeys, false),
         };
-        if refetched || !source.refetch_on_demand().await {
+        if refetched || !source.refetch_on_demand(wait).await {
             return Err(error);
         }
         refetched = true;

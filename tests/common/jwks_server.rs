@@ -50,7 +50,9 @@ pub enum Behavior {
     Empty,
     /// Reads the request and never answers (until the client gives up or the server stops).
     Hang,
-    /// Waits this long, then serves the key set.
+    /// Serves the key set as it is when the request arrives, but only after
+    /// this long (a slow key server: a key published meanwhile is not in
+    /// this answer).
     Delay(Duration),
 }
 
@@ -240,8 +242,9 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
         Behavior::Delay(delay) => {
+            let body = lock(&shared.body).clone();
             tokio::time::sleep(delay).await;
-            (200, lock(&shared.body).clone())
+            (200, body)
         }
     };
     let response = format!(
