@@ -100,8 +100,19 @@ impl DevCa {
     /// A client certificate with common name `cn` and the given SANs (DNS
     /// names, IP addresses, or `URI:...` / `email:...` entries).
     pub fn client(&self, cn: &str, sans: &[&str]) -> Result<CertPair, DevCertError> {
+        self.client_with_subject(dn(cn), sans)
+    }
+
+    /// A client certificate with this subject (its attributes in the
+    /// certificate in the order they were pushed) and the given SANs, as for
+    /// [`DevCa::client`].
+    pub fn client_with_subject(
+        &self,
+        subject: DistinguishedName,
+        sans: &[&str],
+    ) -> Result<CertPair, DevCertError> {
         let mut params = CertificateParams::default();
-        params.distinguished_name = dn(cn);
+        params.distinguished_name = subject;
         for san in sans {
             let entry = if let Some(uri) = san.strip_prefix("URI:") {
                 SanType::URI(uri.try_into()?)

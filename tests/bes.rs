@@ -1006,6 +1006,126 @@ async fn credentials_are_redacted_before_storing() {
     server.stop().await;
 }
 
+/// The forms a secret takes in Bazel's command line and in console output
+/// (environment flags, credential JSON, headers, assignments, a keyword split
+/// by a zero-width character) are masked before storing; a query returns
+/// every other byte as it was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_form_of_secret_is_masked_and_nothing_else_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&loopback_config("", ""), dir.path()).await;
+    let ch = plain_channel(server.tcp()).await;
+    let build = unique("redact-forms");
+    let ts = sid(&build, "inv", TOOL);
+    fn ld(field: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![field << 3 | 2];
+        let mut n = payload.len();
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(payload);
+        out
+    }
+    let args = [
+        "build",
+        "//:all",
+        "--action_env=GITHUB_TOKEN=ghp_SECRET01",
+        "--client_env=npm_auth=SECRET02",
+        "--repo_env=MY_SECRET=SECRET03",
+        "--host_action_env=DB_PASSWORD=SECRET04",
+        "--test_env=API_KEY=SECRET05",
+        "--google_credentials_json={\"type\": \"service_account\", \"private_key\": \"SECRET06\"}",
+        "--test_env",
+        "NPM_TOKEN=SECRET07",
+        "--action_env=PATH=/usr/bin",
+        "--action_env=KEYBOARD_LAYOUT=de",
+    ];
+    let payload = [
+        ld(1, &ld(11, &[])),
+        ld(
+            12,
+            &args
+                .iter()
+                .flat_map(|a| ld(1, a.as_bytes()))
+                .collect::<Vec<u8>>(),
+        ),
+    ]
+    .concat();
+    let console = "\
+$ curl -H 'PRIVATE-TOKEN: SECRET08' -H \"X-Auth-Token: SECRET09\" https://git.example/api\n\
+password=SECRET10\n\
+aws_secret_access_key = SECRET11\n\
++ export GITHUB_TOKEN=SECRET12\n\
+DEPLOY_KEY=SECRET13 ./deploy.sh\n\
+Authorization: Bear\u{200b}er SECRET14\n\
+GIT_AUTHOR_NAME=Ann KEYBOARD_LAYOUT=de PATH=/usr/bin\n\
+INFO: Build completed successfully, 3 total actions\n";
+    let console_event = build_event::Event::ConsoleOutput(build_event::ConsoleOutput {
+        r#type: 1,
+        output: Some(build_event::console_output::Output::TextOutput(
+            console.into(),
+        )),
+    });
+    let mut msgs = tool_events(&ts, "team-a", 1, 3, 3);
+    msgs[0].ordered_build_event = Some(ordered(&ts, 1, bazel(&payload)));
+    msgs[1].ordered_build_event = Some(ordered(&ts, 2, console_event.clone()));
+    let (acks, end) = publish_stream(&ch, msgs).await;
+    end.unwrap();
+    assert_eq!(acks, vec![1, 2, 3]);
+
+    let streams = query(&ch, &format!("^{}\\.", regex_escape(&build))).await;
+    let events = &streams[0].1;
+    let Some(build_event::Event::BazelEvent(any)) =
+        events[0].event.as_ref().and_then(|e| e.event.clone())
+    else {
+        panic!("not a bazel event: {:?}", events[0])
+    };
+    let Some(build_event::Event::ConsoleOutput(build_event::ConsoleOutput {
+        output: Some(build_event::console_output::Output::TextOutput(text)),
+        ..
+    })) = events[1].event.as_ref().and_then(|e| e.event.clone())
+    else {
+        panic!("not console output: {:?}", events[1])
+    };
+    let stored = [
+        String::from_utf8_lossy(&any.value).into_owned(),
+        text.clone(),
+    ]
+    .concat();
+    for n in 1..=14 {
+        let secret = format!("SECRET{n:02}");
+        assert!(!stored.contains(&secret), "{secret} stored: {stored}");
+    }
+    // Only masked bytes differ: every other byte is as published.
+    for (before, after) in [
+        (payload.as_slice(), any.value.as_slice()),
+        (console.as_bytes(), text.as_bytes()),
+    ] {
+        assert_eq!(before.len(), after.len());
+        for (i, (a, b)) in before.iter().zip(after).enumerate() {
+            assert!(a == b || *b == b'*', "byte {i} changed: {stored}");
+        }
+    }
+    for kept in [
+        "--action_env=GITHUB_TOKEN=",
+        "--client_env=npm_auth=",
+        "--action_env=PATH=/usr/bin",
+        "--action_env=KEYBOARD_LAYOUT=de",
+        "PRIVATE-TOKEN: ",
+        "https://git.example/api",
+        "+ export GITHUB_TOKEN=",
+        " ./deploy.sh",
+        "Authorization: Bear\u{200b}er ",
+        "GIT_AUTHOR_NAME=Ann KEYBOARD_LAYOUT=de PATH=/usr/bin\n",
+        "INFO: Build completed successfully, 3 total actions\n",
+    ] {
+        assert!(stored.contains(kept), "{kept:?} lost: {stored}");
+    }
+    server.stop().await;
+}
+
 /// `kill -9` while a stream is being ingested, then a restart on the same
 /// store: every acknowledged event is there, exactly once, and the client's
 /// retry from its first unacknowledged event completes the stream.

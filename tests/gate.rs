@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use jsonwebtoken::Algorithm;
-use jwks_server::{claims, now, Behavior, JwksServer, TestKey};
+use jwks_server::{claims, now, rsa_1024_jwk, Behavior, JwksServer, TestKey};
 use serde_json::json;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -253,6 +253,41 @@ async fn every_asymmetric_family_from_a_jwks_server() {
     }
 }
 
+/// A key set that publishes a 1024-bit key beside a 2048-bit one: the server
+/// warns about the small key (URL, kid, size) and serves tokens of the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1024_bit_key_in_a_key_set_is_skipped_with_a_warning() {
+    let good = TestKey::rsa(Algorithm::RS256, "current");
+    let jwks =
+        JwksServer::start_with_document(json!({"keys": [rsa_1024_jwk("legacy-1024"), good.jwk()]}))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "gridgate.yaml",
+        &jwks_config(&jwks.url(), "rs256", ""),
+    );
+    let mut server = Binary::start(&["serve", "--config", &path]);
+    let addr = tokio::task::block_in_place(|| server.listening_addr());
+    let warning = tokio::task::block_in_place(|| {
+        server.wait_for_line("skipping an RSA key", Duration::from_secs(20))
+    })
+    .unwrap_or_else(|| panic!("no warning; stderr: {:#?}", server.seen));
+    for part in [
+        "WARN",
+        jwks.url().as_str(),
+        "legacy-1024",
+        "RSA key of 1024 bits; at least 2048 are needed",
+    ] {
+        assert!(warning.contains(part), "{part:?} not in {warning}");
+    }
+    let token = good.sign(&claims(ISS, AUD, "ci"));
+    assert_eq!(
+        check(addr, Some(&token)).await.unwrap(),
+        ServingStatus::Serving
+    );
+}
+
 #[tokio::test]
 async fn pem_public_key_as_secret_like_buildgrid() {
     let key = TestKey::rsa(Algorithm::RS256, "k");
@@ -321,6 +356,105 @@ async fn key_rotation_outage_and_injection() {
         check(addr, Some(&t1b)).await.unwrap(),
         ServingStatus::Serving
     );
+    server.stop().await;
+}
+
+/// Key rotation inside the refetch hold-off: the issuer publishes a new key
+/// right after someone else's unknown kid (perhaps an attacker's) made the
+/// gateway fetch; a token signed with the new key waits for the next
+/// permitted fetch and is accepted. Also when the new key is published while
+/// that fetch is under way and a flood of unknown kids comes with the token:
+/// they all share one fetch per hold-off.
+#[tokio::test]
+async fn a_new_signing_key_is_accepted_inside_the_refetch_hold_off() {
+    const HOLD_OFF: Duration = Duration::from_secs(2);
+    const SLOW_FETCH: Duration = Duration::from_millis(400);
+    let k1 = TestKey::rsa(Algorithm::RS256, "k1");
+    let k2 = TestKey::rsa(Algorithm::RS256, "k2");
+    let k3 = TestKey::rsa(Algorithm::RS256, "k3");
+    let attacker = TestKey::rsa(Algorithm::RS256, "attacker");
+    let jwks = JwksServer::start(&[&k1]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &jwks_config(&jwks.url(), "rs256", "  jwks-refetch-min-seconds: 2\n"),
+        dir.path(),
+    )
+    .await;
+    let addr = server.tcp();
+    let token = |key: &TestKey, kid: &str| {
+        key.sign_with_header(&json!({"alg": "RS256", "kid": kid}), &claims(ISS, AUD, kid))
+    };
+    assert_eq!(
+        check(addr, Some(&token(&k1, "k1"))).await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert_eq!(jwks.requests(), 1);
+
+    // An unknown kid: one fetch at once, then the hold-off.
+    let err = check(addr, Some(&token(&attacker, "evil-0")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "unknown signing key");
+    assert_eq!(jwks.requests(), 2);
+    let fetched = std::time::Instant::now();
+    // Right after, the issuer rotates in k2 and a k2 token arrives.
+    jwks.set_keys(&[&k1, &k2]);
+    let asked = std::time::Instant::now();
+    assert_eq!(
+        check(addr, Some(&token(&k2, "k2"))).await.unwrap(),
+        ServingStatus::Serving
+    );
+    let waited = asked.elapsed();
+    eprintln!("the k2 token waited {waited:?} for the next permitted fetch");
+    assert!(
+        fetched.elapsed() >= HOLD_OFF - Duration::from_millis(50),
+        "fetched again inside the hold-off"
+    );
+    assert!(
+        waited <= HOLD_OFF + Duration::from_millis(500),
+        "{waited:?}"
+    );
+    assert_eq!(jwks.requests(), 3, "one more fetch, after the hold-off");
+
+    // The race: a slow fetch for an attacker's kid is under way when k3 is
+    // published; k3's token and 20 more unknown kids arrive meanwhile.
+    tokio::time::sleep(HOLD_OFF).await;
+    jwks.set_behavior(Behavior::Delay(SLOW_FETCH));
+    let first = tokio::spawn({
+        let t = token(&attacker, "evil-1");
+        async move { check(addr, Some(&t)).await }
+    });
+    assert!(jwks.wait_for_requests(4, Duration::from_secs(5)).await);
+    jwks.set_keys(&[&k1, &k2, &k3]);
+    let asked = std::time::Instant::now();
+    let mut flood = Vec::new();
+    for i in 0..20 {
+        let t = token(&attacker, &format!("flood-{i}"));
+        flood.push(tokio::spawn(async move { check(addr, Some(&t)).await }));
+    }
+    let rotated = tokio::spawn({
+        let t = token(&k3, "k3");
+        async move { check(addr, Some(&t)).await }
+    });
+    assert_eq!(rotated.await.unwrap().unwrap(), ServingStatus::Serving);
+    let waited_race = asked.elapsed();
+    eprintln!("the k3 token waited {waited_race:?} (published during a fetch under way)");
+    for f in flood {
+        let err = f.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(err.message(), "unknown signing key");
+    }
+    let flood_done = asked.elapsed();
+    assert!(
+        flood_done <= HOLD_OFF + SLOW_FETCH * 2 + Duration::from_millis(500),
+        "{flood_done:?}"
+    );
+    assert_eq!(
+        first.await.unwrap().unwrap_err().message(),
+        "unknown signing key"
+    );
+    assert_eq!(jwks.requests(), 5, "the waiters shared one fetch");
     server.stop().await;
 }
 
@@ -575,6 +709,48 @@ async fn client_certificate_identity_alone_or_with_a_token() {
         .check(with_token(HealthCheckRequest::default(), &token))
         .await
         .is_ok());
+    server.stop().await;
+}
+
+/// A `cert: subject:` rule matches the RFC 4514 subject exactly: a common
+/// name made to look like more attributes (`team-b-bot, O=Example` under
+/// `O=Evil Corp`) is one escaped value and does not match.
+#[tokio::test]
+async fn a_subject_rule_is_not_fooled_by_a_common_name_that_looks_like_attributes() {
+    use rcgen::DnType::{CommonName, OrganizationName};
+    let certs = Certs::new();
+    write(
+        certs.dir.path(),
+        "acl.yaml",
+        "\"\":\n  allow:\n    - cert: { subject: 'CN=team-b-bot,O=Example' }\n      requests: [Check]\n",
+    );
+    let key = hs_key();
+    std::fs::write(certs.dir.path().join("hmac.secret"), key.secret()).unwrap();
+    let yaml = format!(
+        "server:\n  - !channel\n    address: \"127.0.0.1:0\"\n{}authorization:\n  method: jwt\n  algorithm: hs256\n  secret: hmac.secret\n  acl-config: acl.yaml\n  open-health: false\n",
+        certs.credentials_yaml(true)
+    );
+    let genuine = certs.client_with_subject(
+        "team-b-bot",
+        &[(OrganizationName, "Example"), (CommonName, "team-b-bot")],
+    );
+    let forged = certs.client_with_subject(
+        "forged",
+        &[
+            (OrganizationName, "Evil Corp"),
+            (CommonName, "team-b-bot, O=Example"),
+        ],
+    );
+    let server = TestServer::start(&yaml, certs.dir.path()).await;
+    let ch = tls_channel(server.tcp(), &certs.ca, Some((&genuine.0, &genuine.1)))
+        .await
+        .unwrap();
+    assert_eq!(health_check(ch).await.unwrap(), ServingStatus::Serving);
+    let ch = tls_channel(server.tcp(), &certs.ca, Some((&forged.0, &forged.1)))
+        .await
+        .unwrap();
+    let err = health_check(ch).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     server.stop().await;
 }
 

@@ -14,7 +14,8 @@ use gridgate::gate::jwt::{
 };
 use jsonwebtoken::Algorithm;
 use jwks_server::{
-    b64url, claims, now, random_bytes, unsigned_token, Behavior, JwksServer, TestKey,
+    b64url, claims, now, random_bytes, rsa_1024_jwk, unsigned_token, Behavior, JwksServer, TestKey,
+    RSA_1024_PUBLIC_PEM,
 };
 use serde_json::{json, Value};
 
@@ -47,13 +48,17 @@ fn settings(providers: Vec<ProviderSettings>) -> JwtSettings {
     }
 }
 
+/// The refetch hold-off of [`jwks`]: short, since a token with an unknown
+/// kid inside it waits for the next fetch.
+const HOLD_OFF: Duration = Duration::from_secs(1);
+
 /// Key set settings for tests: no periodic refresh unless asked, no staleness limit.
 fn jwks(urls: &[String]) -> JwksSettings {
     JwksSettings {
         urls: urls.to_vec(),
         refresh: Duration::from_secs(3600),
         max_staleness: None,
-        min_refetch_interval: Duration::from_secs(30),
+        min_refetch_interval: HOLD_OFF,
         timeout: Duration::from_secs(2),
     }
 }
@@ -368,25 +373,40 @@ async fn jku_x5u_jwk_x5c_headers_are_never_followed() {
 }
 
 #[tokio::test]
-async fn unknown_kid_refetches_once_then_is_rate_limited() {
+async fn unknown_kids_cost_at_most_one_fetch_per_hold_off() {
     let key = rsa_key(0);
     let server = JwksServer::start(&[key]).await;
     let auth = jwks_auth(&server, &[Algorithm::RS256], None, &[]).await;
     assert_eq!(server.requests(), 1);
     let stranger = TestKey::rsa(Algorithm::RS256, "stranger");
+    let start = Instant::now();
     assert_eq!(
         auth.authenticate(&stranger.sign(&base())).await,
         Err(AuthError::UnknownKey)
     );
+    assert!(
+        start.elapsed() < HOLD_OFF / 2,
+        "the first refetch is at once"
+    );
     assert_eq!(server.requests(), 2, "one refetch for the unknown kid");
-    for i in 0..5 {
+    // Inside the hold-off, each unknown kid waits for the next permitted
+    // fetch: one per hold-off, never more.
+    let start = Instant::now();
+    for i in 0..3 {
         let other =
             rsa_key(1).sign_with_header(&json!({"alg": "RS256", "kid": format!("k{i}")}), &base());
+        let asked = Instant::now();
         assert_eq!(auth.authenticate(&other).await, Err(AuthError::UnknownKey));
+        assert!(
+            asked.elapsed() <= HOLD_OFF + Duration::from_millis(500),
+            "waited {:?}",
+            asked.elapsed()
+        );
     }
-    assert_eq!(server.requests(), 2, "refetches are rate limited");
+    assert!(start.elapsed() >= HOLD_OFF * 3 - Duration::from_millis(100));
+    assert_eq!(server.requests(), 5, "one fetch per hold-off");
     assert!(auth.authenticate(&key.sign(&base())).await.is_ok());
-    assert_eq!(server.requests(), 2);
+    assert_eq!(server.requests(), 5);
 }
 
 #[tokio::test]
@@ -395,6 +415,7 @@ async fn concurrent_unknown_kids_share_one_fetch() {
     let server = JwksServer::start(&[key]).await;
     let auth = jwks_auth(&server, &[Algorithm::RS256], None, &[]).await;
     server.set_behavior(Behavior::Delay(Duration::from_millis(300)));
+    let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..16 {
         let auth = auth.clone();
@@ -405,7 +426,64 @@ async fn concurrent_unknown_kids_share_one_fetch() {
     for task in tasks {
         assert_eq!(task.await.expect("task"), Err(AuthError::UnknownKey));
     }
-    assert_eq!(server.requests(), 2, "start + one shared refetch");
+    // The first fetch at once; callers that came while it was under way wait
+    // for the next one, which they all share.
+    assert!(
+        (2..=3).contains(&server.requests()),
+        "{} fetches",
+        server.requests()
+    );
+    assert!(start.elapsed() < HOLD_OFF + Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_refetch_are_bounded() {
+    use gridgate::gate::jwks::MAX_REFETCH_WAITERS;
+    let key = rsa_key(0);
+    let server = JwksServer::start(&[key]).await;
+    let mut source = jwks(&[server.url()]);
+    source.min_refetch_interval = Duration::from_secs(2);
+    let auth = JwtAuthenticator::new(settings(vec![provider(
+        "idp",
+        None,
+        &[Algorithm::RS256],
+        KeySource::Jwks(source),
+        &[],
+    )]))
+    .expect("config");
+    auth.start().await;
+    // An unknown kid starts the hold-off.
+    let unknown =
+        |kid: String| unsigned_token(&json!({"alg": "RS256", "kid": kid}), &base(), "c2ln");
+    assert_eq!(
+        auth.authenticate(&unknown("first".into())).await,
+        Err(AuthError::UnknownKey)
+    );
+    let extra = 50;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..MAX_REFETCH_WAITERS + extra {
+        let auth = auth.clone();
+        let token = unknown(format!("flood-{i}"));
+        tasks.push(tokio::spawn(async move {
+            let result = auth.authenticate(&token).await;
+            (result, Instant::now())
+        }));
+    }
+    let mut at_once = 0;
+    for task in tasks {
+        let (result, done) = task.await.expect("task");
+        assert_eq!(result, Err(AuthError::UnknownKey));
+        if done.duration_since(start) < Duration::from_secs(1) {
+            at_once += 1;
+        }
+    }
+    assert_eq!(at_once, extra, "beyond the bound, refused at once");
+    assert_eq!(
+        server.requests(),
+        3,
+        "start, the first, one shared by the waiters"
+    );
 }
 
 #[tokio::test]
@@ -1620,4 +1698,51 @@ async fn timings() {
     time("HS256 uncached", 20_000, &hs_uncached, &hs_token).await;
     time("RS256 uncached", 5_000, &rs_uncached, &rs_token).await;
     time("RS256 cache hit", 200_000, &rs_cached, &rs_token).await;
+}
+
+// ---------------------------------------------------------------- RSA key sizes
+
+#[test]
+fn a_1024_bit_rsa_public_key_is_refused_when_the_authenticator_is_built() {
+    let err = JwtAuthenticator::new(settings(vec![provider(
+        "buildgrid",
+        None,
+        &[Algorithm::RS256],
+        KeySource::PublicKeyPem(RSA_1024_PUBLIC_PEM.as_bytes().to_vec()),
+        &[],
+    )]))
+    .expect_err("refused");
+    assert!(matches!(err, JwtConfigError::RsaKeySize { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "provider \"buildgrid\": RSA key of 1024 bits; at least 2048 are needed"
+    );
+    // A 2048-bit key of the same kind loads.
+    assert!(JwtAuthenticator::new(settings(vec![provider(
+        "buildgrid",
+        None,
+        &[Algorithm::RS256],
+        KeySource::PublicKeyPem(rsa_key(0).public_pem().as_bytes().to_vec()),
+        &[],
+    )]))
+    .is_ok());
+}
+
+#[tokio::test]
+async fn a_key_set_with_a_1024_bit_key_still_serves_its_other_keys() {
+    let good = rsa_key(0);
+    let server =
+        JwksServer::start_with_document(json!({"keys": [rsa_1024_jwk("old-1024"), good.jwk()]}))
+            .await;
+    let auth = jwks_auth(&server, &[Algorithm::RS256], None, &[]).await;
+    assert!(auth.ready(), "the 2048-bit key makes the set usable");
+    assert!(auth.authenticate(&good.sign(&base())).await.is_ok());
+    // The small key was skipped: its kid is unknown.
+    let token = rsa_key(1).sign_with_header(&json!({"alg": "RS256", "kid": "old-1024"}), &base());
+    assert_eq!(auth.authenticate(&token).await, Err(AuthError::UnknownKey));
+
+    // A set of nothing but the small key has no usable key.
+    let small = JwksServer::start_with_document(json!({"keys": [rsa_1024_jwk("old-1024")]})).await;
+    let auth = jwks_auth(&small, &[Algorithm::RS256], None, &[]).await;
+    assert!(!auth.ready());
 }

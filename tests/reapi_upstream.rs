@@ -263,21 +263,99 @@ async fn forwards_over_mtls() {
     b.stop().await;
 }
 
-#[tokio::test]
-async fn unreachable_upstream_is_unavailable_with_its_address() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let address = format!("grpc://127.0.0.1:{port}");
-    let up = Upstream::new("x", &upstream_cfg(address.clone())).unwrap();
+        .port()
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_unavailable_without_its_address() {
+    let port = closed_port();
+    let address = format!("grpc://builder:hunter2@127.0.0.1:{port}");
+    let up = Upstream::new("x", &upstream_cfg(address)).unwrap();
+    assert_eq!(up.shown_address(), format!("grpc://127.0.0.1:{port}"));
     let err = CapabilitiesClient::new(up)
         .get_capabilities(re::GetCapabilitiesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains(&address), "{}", err.message());
+    assert_eq!(err.message(), "upstream for instance x unavailable");
+}
+
+/// The real server, an anonymous caller and an upstream that is down: the
+/// caller learns the instance only; the server's log has the address without
+/// its user-info, and so have `check-config` and a refused config.
+#[tokio::test]
+async fn an_anonymous_caller_learns_nothing_of_an_unreachable_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port();
+    let yaml = loopback_config(
+        "",
+        &format!(
+            "authorization:\n  method: none\ninstances:\n  - name: prod\n    upstream:\n      address: \"grpc://builder:hunter2@127.0.0.1:{port}\"\n"
+        ),
+    );
+    let path = dir.path().join("gridgate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let path = path.display().to_string();
+
+    let (code, stdout, stderr) = common::run_binary(&["check-config", &path]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "instance \"prod\": upstream grpc://127.0.0.1:{port}"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("builder"),
+        "{stdout}"
+    );
+
+    let mut server = common::Binary::start(&["serve", "--config", &path]);
+    let addr = server.listening_addr();
+    let channel = common::plain_channel(addr).await;
+    let err = CapabilitiesClient::new(channel)
+        .get_capabilities(re::GetCapabilitiesRequest {
+            instance_name: "prod".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "upstream for instance prod unavailable");
+    let line = server
+        .wait_for_line("upstream request failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no log line; stderr: {:#?}", server.seen));
+    assert!(line.contains(&format!("grpc://127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("prod"), "{line}");
+    server.signal("KILL");
+    server.wait_exit(Duration::from_secs(10));
+    for line in &server.seen {
+        assert!(
+            !line.contains("hunter2") && !line.contains("builder"),
+            "{line}"
+        );
+    }
+
+    // A refused config names the address without its user-info too.
+    std::fs::write(
+        &path,
+        yaml.replace("grpc://builder:hunter2@", "builder:hunter2@"),
+    )
+    .unwrap();
+    let (code, _, stderr) = common::run_binary(&["check-config", &path]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!(
+            "instances[0].upstream.address: \"127.0.0.1:{port}\" needs a scheme"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
 /// A Capabilities server that reports the headers it received (in the error
@@ -375,6 +453,10 @@ async fn headers_deadlines_and_identity() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "upstream for instance team-a did not answer before the deadline"
+    );
     assert!(start.elapsed() < Duration::from_secs(5));
     server.abort();
 }
@@ -662,6 +744,97 @@ async fn operation_names_are_rewritten_both_ways_and_cancellation_reaches_the_up
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    gate.stop().await;
+    upstream.abort();
+}
+
+/// A TCP relay to `target` whose connections can be cut at once.
+struct Relay {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().unwrap().push(task);
+            }
+        });
+        Relay {
+            addr,
+            connections,
+            accept,
+        }
+    }
+
+    /// Drops every relayed connection.
+    fn cut(&self) {
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// An upstream connection that breaks in the middle of a response stream
+/// reaches the caller as the same UNAVAILABLE, not as the transport's error.
+#[tokio::test]
+async fn a_connection_that_breaks_mid_stream_names_no_internals() {
+    use re::execution_client::ExecutionClient;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(re::execution_server::ExecutionServer::new(
+                Scheduler::default(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let relay = Relay::start(up_addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = loopback_config(
+        "",
+        &format!(
+            "authorization:\n  method: none\ninstances:\n  - name: main\n    upstream:\n      address: \"grpc://ci:hunter2@{}\"\n",
+            relay.addr
+        ),
+    );
+    let gate = TestServer::start(&yaml, dir.path()).await;
+    let mut exec = ExecutionClient::new(common::plain_channel(gate.tcp()).await);
+    let mut stream = exec
+        .execute(re::ExecuteRequest {
+            instance_name: "main".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().name, "main/op-1");
+    relay.cut();
+    let err = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the break reaches the caller")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), "upstream for instance main unavailable");
     gate.stop().await;
     upstream.abort();
 }

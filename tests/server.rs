@@ -385,3 +385,34 @@ fn sigterm_drains_an_open_stream_and_exits_zero() {
         bin.seen
     );
 }
+
+#[test]
+fn check_config_refuses_an_rsa_key_too_small_to_verify_with() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rs1024.pem"),
+        include_str!("keys/rs1024.pub.pem"),
+    )
+    .unwrap();
+    let path = write_config(
+        dir.path(),
+        "server:\n  - !channel\n    address: \"127.0.0.1:0\"\n    insecure-mode: true\nauthorization:\n  method: jwt\n  algorithm: rs256\n  secret: rs1024.pem\n",
+    );
+    let expected = format!(
+        "{path}: authorization.secret: {}: RSA key of 1024 bits; at least 2048 are needed",
+        dir.path().join("rs1024.pem").display()
+    );
+    let (code, _, stderr) = run_binary(&["check-config", &path]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&expected), "{stderr}");
+    // serve refuses to start (rather than answering every token "bad signature").
+    let mut serve = Binary::start(&["serve", "--config", &path]);
+    assert!(
+        serve
+            .wait_for_line(&expected, Duration::from_secs(20))
+            .is_some(),
+        "{:#?}",
+        serve.seen
+    );
+    assert_eq!(serve.wait_exit(Duration::from_secs(20)), Some(1));
+}

@@ -338,7 +338,7 @@ pub struct ActionCacheConfig {
 }
 
 /// An upstream REAPI server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS).
     pub address: String,
@@ -350,6 +350,42 @@ pub struct UpstreamConfig {
     pub headers: BTreeMap<String, String>,
     /// Instance name presented upstream, when it differs.
     pub instance_name: Option<String>,
+}
+
+impl UpstreamConfig {
+    /// The address as it may be logged or shown: without `user:password@`.
+    pub fn shown_address(&self) -> String {
+        without_userinfo(&self.address)
+    }
+}
+
+/// Shows the address without its user-info and the headers without their
+/// values: both may hold credentials.
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("address", &self.shown_address())
+            .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("instance_name", &self.instance_name)
+            .finish()
+    }
+}
+
+/// An address or URL without the user-info of its authority
+/// (`grpc://user:password@host:port` becomes `grpc://host:port`), for every
+/// place an address is logged or shown: credentials never leave the config.
+pub fn without_userinfo(address: &str) -> String {
+    let start = address.find("://").map_or(0, |i| i + 3);
+    let rest = &address[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &address[..start], &rest[at + 1..]),
+        None => address.to_string(),
+    }
 }
 
 /// The Build Event Service store.
@@ -731,7 +767,7 @@ impl Config {
                         }
                     )
                 }
-                InstanceBackend::Upstream(u) => format!("upstream {}", u.address),
+                InstanceBackend::Upstream(u) => format!("upstream {}", u.shown_address()),
             };
             let _ = writeln!(s, "instance {:?}: {what}", i.name);
         }
@@ -1195,6 +1231,11 @@ impl Validator {
                             ),
                         ));
                     }
+                    if crate::gate::jwks::AlgSet::RSA.contains(algorithm) {
+                        crate::gate::jwt::check_rsa_pem_size(&bytes).map_err(|e| {
+                            self.err(&k("secret"), &format!("{}: {e}", path.display()))
+                        })?;
+                    }
                     JwtKeyConfig::PublicKeyPem(bytes)
                 }
             }
@@ -1359,7 +1400,10 @@ impl Validator {
                 } else {
                     return Err(self.err(
                         &format!("{k}.address"),
-                        &format!("{:?} needs a scheme: grpc://host:port (plaintext) or grpcs://host:port (TLS)", u.address),
+                        &format!(
+                            "{:?} needs a scheme: grpc://host:port (plaintext) or grpcs://host:port (TLS)",
+                            without_userinfo(&u.address)
+                        ),
                     ));
                 };
                 if rest.is_empty() || !rest.contains(':') {

@@ -351,3 +351,71 @@ fn fifos_are_refused_without_blocking() {
     let policy = policy.unwrap_err().to_string();
     assert!(policy.contains("not a regular file"), "{policy}");
 }
+
+#[test]
+fn addresses_are_shown_without_userinfo() {
+    for (address, shown) in [
+        ("grpc://user:password@host:1", "grpc://host:1"),
+        ("grpcs://tok@[::1]:443/path@x", "grpcs://[::1]:443/path@x"),
+        ("grpc://a@b@host:1", "grpc://host:1"),
+        ("user:password@host:1", "host:1"),
+        ("grpc://host:1", "grpc://host:1"),
+        ("grpc://host:1/?q=a@b", "grpc://host:1/?q=a@b"),
+    ] {
+        assert_eq!(without_userinfo(address), shown, "{address}");
+    }
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    let c = parse(&format!("{base}instances:\n  - name: p\n    upstream: {{ address: \"grpc://ci:s3cret@127.0.0.1:50052\", headers: {{ x-token: t0ken }} }}\n")).unwrap();
+    let InstanceBackend::Upstream(u) = &c.instances[0].backend else {
+        panic!("not an upstream")
+    };
+    let debug = format!("{u:?}");
+    assert!(
+        !debug.contains("s3cret") && !debug.contains("t0ken"),
+        "{debug}"
+    );
+    assert!(c.summary().contains("upstream grpc://127.0.0.1:50052"));
+    assert!(!c.summary().contains("s3cret"));
+}
+
+#[test]
+fn rsa_keys_aws_lc_cannot_verify_with_are_refused() {
+    let d = tempdir();
+    std::fs::write(
+        d.path().join("rs1024.pem"),
+        include_str!("../../tests/keys/rs1024.pub.pem"),
+    )
+    .unwrap();
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let der = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
+        aws_lc_rs::signature::KeyPair::public_key(&pair),
+    )
+    .unwrap();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    std::fs::write(
+        d.path().join("rs2048.pem"),
+        format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n"),
+    )
+    .unwrap();
+    let yaml = |alg: &str, file: &str| {
+        format!("server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: jwt\n  algorithm: {alg}\n  secret: {file}\n")
+    };
+    for alg in ["rs256", "ps512"] {
+        let e = parse_in(d.path(), &yaml(alg, "rs1024.pem")).unwrap_err();
+        assert_eq!(e.key, "authorization.secret", "{e}");
+        assert_eq!(
+            e.reason,
+            format!(
+                "{}: RSA key of 1024 bits; at least 2048 are needed",
+                d.path().join("rs1024.pem").display()
+            )
+        );
+        assert!(
+            e.to_string()
+                .starts_with("test.yaml: authorization.secret: "),
+            "{e}"
+        );
+        assert!(parse_in(d.path(), &yaml(alg, "rs2048.pem")).is_ok());
+    }
+}

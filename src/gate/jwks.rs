@@ -8,7 +8,12 @@
 //!   1 s, after a failed fetch), from the task [`JwksSource::spawn_refresher`] starts,
 //! - on demand when a token names a `kid` the set does not have
 //!   ([`JwksSource::refetch_on_demand`]): at most one such fetch per
-//!   [`JwksSettings::min_refetch_interval`], and concurrent callers share it.
+//!   [`JwksSettings::min_refetch_interval`] (the hold-off), and concurrent
+//!   callers share it. A token that arrives inside the hold-off (after
+//!   another unknown kid, perhaps an attacker's) waits for the next permitted
+//!   fetch instead of being refused, so a key rotation never refuses a valid
+//!   token; at most [`MAX_REFETCH_WAITERS`] requests wait at once, later ones
+//!   are refused at once.
 //!
 //! The keys of several URLs are merged. Each URL keeps its last good keys: a fetch that
 //! fails (unreachable, time-out, status other than 200, a body over
@@ -43,6 +48,11 @@ pub const MAX_KID_BYTES: usize = 256;
 const MAX_REDIRECTS: usize = 5;
 /// The first retry delay after a failed fetch; it doubles up to the refresh interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The most requests of one provider that wait at once for a fetch triggered
+/// by an unknown `kid`; more are refused at once ("unknown signing key").
+/// Each waits at most the hold-off and the fetch, so a flood of unknown kids
+/// holds at most this many requests (and one fetch per hold-off).
+pub const MAX_REFETCH_WAITERS: usize = 1024;
 
 /// How to fetch and keep the key set of one provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,16 +239,96 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// The smallest RSA modulus aws-lc-rs verifies signatures with, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
+/// The largest RSA modulus aws-lc-rs verifies signatures with, in bits.
+pub const MAX_RSA_BITS: usize = 8192;
+
+/// Why an RSA key cannot be used: aws-lc-rs verifies only with moduli of
+/// [`MIN_RSA_BITS`] to [`MAX_RSA_BITS`] bits, so with any other key every
+/// token would fail as "bad signature". Such keys are refused when they load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RsaKeyError {
+    /// A modulus shorter than [`MIN_RSA_BITS`].
+    #[error("RSA key of {0} bits; at least {MIN_RSA_BITS} are needed")]
+    TooSmall(usize),
+    /// A modulus longer than [`MAX_RSA_BITS`].
+    #[error("RSA key of {0} bits; at most {MAX_RSA_BITS} are supported")]
+    TooLarge(usize),
+    /// Not an RSA public key (modulus and exponent) at all.
+    #[error("not a readable RSA public key")]
+    Malformed,
+}
+
+/// The size in bits of an RSA modulus (big-endian, leading zero bytes allowed).
+pub fn modulus_bits(n: &[u8]) -> usize {
+    let n: &[u8] = match n.iter().position(|b| *b != 0) {
+        Some(first) => &n[first..],
+        None => return 0,
+    };
+    n.len() * 8 - n[0].leading_zeros() as usize
+}
+
+/// Checks an RSA modulus's size; returns it in bits.
+pub fn check_rsa_modulus(n: &[u8]) -> Result<usize, RsaKeyError> {
+    match modulus_bits(n) {
+        bits if bits < MIN_RSA_BITS => Err(RsaKeyError::TooSmall(bits)),
+        bits if bits > MAX_RSA_BITS => Err(RsaKeyError::TooLarge(bits)),
+        bits => Ok(bits),
+    }
+}
+
+/// Checks the size of an RSA verification key (from a JWK's `n` and `e`, or
+/// a PEM's PKCS#1 DER); keys of other families pass.
+pub fn check_rsa_key(key: &DecodingKey) -> Result<(), RsaKeyError> {
+    use x509_parser::prelude::FromDer as _;
+    if key.family() != jsonwebtoken::AlgorithmFamily::Rsa {
+        return Ok(());
+    }
+    match key.kind() {
+        DecodingKeyKind::RsaModulusExponent { n, e } if !e.is_empty() => {
+            check_rsa_modulus(n).map(drop)
+        }
+        DecodingKeyKind::SecretOrDer(der) => {
+            match x509_parser::public_key::RSAPublicKey::from_der(der) {
+                Ok((rest, key)) if rest.is_empty() && !key.exponent.is_empty() => {
+                    check_rsa_modulus(key.modulus).map(drop)
+                }
+                _ => Err(RsaKeyError::Malformed),
+            }
+        }
+        _ => Err(RsaKeyError::Malformed),
+    }
+}
+
+/// Why one JWK of a key set was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SkippedKey {
+    /// An RSA key of a size that cannot verify (worth a warning: the key set
+    /// publishes a key its issuer may sign with).
+    #[error("{0}")]
+    Rsa(RsaKeyError),
+    /// Any other reason.
+    #[error("{0}")]
+    Unusable(&'static str),
+}
+
+impl From<&'static str> for SkippedKey {
+    fn from(reason: &'static str) -> Self {
+        SkippedKey::Unusable(reason)
+    }
+}
+
 /// Turns one JWK into a [`VerifyKey`] usable with some of `allowed`, or says why not.
-pub fn key_from_jwk(jwk: &Jwk, allowed: AlgSet) -> Result<VerifyKey, &'static str> {
+pub fn key_from_jwk(jwk: &Jwk, allowed: AlgSet) -> Result<VerifyKey, SkippedKey> {
     if let Some(key_use) = &jwk.common.public_key_use {
         if *key_use != PublicKeyUse::Signature {
-            return Err("`use` is not `sig`");
+            return Err("`use` is not `sig`".into());
         }
     }
     if let Some(ops) = &jwk.common.key_operations {
         if !ops.contains(&KeyOperations::Verify) {
-            return Err("`key_ops` does not include `verify`");
+            return Err("`key_ops` does not include `verify`".into());
         }
     }
     if jwk
@@ -247,47 +337,44 @@ pub fn key_from_jwk(jwk: &Jwk, allowed: AlgSet) -> Result<VerifyKey, &'static st
         .as_ref()
         .is_some_and(|k| k.len() > MAX_KID_BYTES)
     {
-        return Err("`kid` is too long");
+        return Err("`kid` is too long".into());
     }
     let (by_type, point_len) = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => (AlgSet::RSA, None),
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
             EllipticCurve::P256 => (AlgSet::one(Algorithm::ES256), Some(65)),
             EllipticCurve::P384 => (AlgSet::one(Algorithm::ES384), Some(97)),
-            _ => return Err("unsupported elliptic curve"),
+            _ => return Err("unsupported elliptic curve".into()),
         },
         AlgorithmParameters::OctetKeyPair(p) => match p.curve {
             EllipticCurve::Ed25519 => (AlgSet::one(Algorithm::EdDSA), Some(32)),
-            _ => return Err("unsupported OKP curve"),
+            _ => return Err("unsupported OKP curve".into()),
         },
         AlgorithmParameters::OctetKey(_) => {
-            return Err("symmetric (`oct`) keys are not accepted from a key set")
+            return Err("symmetric (`oct`) keys are not accepted from a key set".into())
         }
-        _ => return Err("unsupported key type"),
+        _ => return Err("unsupported key type".into()),
     };
     let mut algorithms = by_type.intersect(allowed);
     if let Some(key_alg) = jwk.common.key_algorithm {
         match Algorithm::try_from(key_alg) {
             Ok(alg) => algorithms = algorithms.intersect(AlgSet::one(alg)),
-            Err(_) => return Err("`alg` is not a signature algorithm"),
+            Err(_) => return Err("`alg` is not a signature algorithm".into()),
         }
     }
     if algorithms.is_empty() {
-        return Err("the key cannot verify any algorithm the provider allows");
+        return Err("the key cannot verify any algorithm the provider allows".into());
     }
     let key = DecodingKey::from_jwk(jwk).map_err(|_| "invalid key parameters")?;
     match (key.kind(), point_len) {
-        (DecodingKeyKind::RsaModulusExponent { n, e }, _) => {
-            let significant = n.iter().skip_while(|b| **b == 0).count();
-            if significant < 256 {
-                return Err("RSA key shorter than 2048 bits");
-            }
-            if e.is_empty() {
-                return Err("invalid key parameters");
-            }
+        (DecodingKeyKind::RsaModulusExponent { .. }, _) => {
+            check_rsa_key(&key).map_err(|e| match e {
+                RsaKeyError::Malformed => SkippedKey::Unusable("invalid key parameters"),
+                size => SkippedKey::Rsa(size),
+            })?;
         }
         (DecodingKeyKind::SecretOrDer(bytes), Some(len)) if bytes.len() != len => {
-            return Err("invalid key parameters");
+            return Err("invalid key parameters".into());
         }
         _ => {}
     }
@@ -323,8 +410,16 @@ pub enum FetchError {
     NoUsableKeys(usize),
 }
 
-/// Parses a key set document, keeping the keys usable with some of `allowed`.
-pub fn parse_jwks(body: &[u8], allowed: AlgSet) -> Result<Vec<Arc<VerifyKey>>, FetchError> {
+/// Parses a key set document fetched from `url` (named in warnings), keeping
+/// the keys usable with some of `allowed`. An RSA key of a size that cannot
+/// verify is skipped with a warning naming the URL, its `kid` and its size;
+/// other unusable keys are skipped quietly (debug level). Skipped keys count
+/// in [`FetchError::NoUsableKeys`].
+pub fn parse_jwks(
+    body: &[u8],
+    allowed: AlgSet,
+    url: &str,
+) -> Result<Vec<Arc<VerifyKey>>, FetchError> {
     #[derive(Deserialize)]
     struct RawSet {
         keys: Vec<serde_json::Value>,
@@ -336,14 +431,38 @@ pub fn parse_jwks(body: &[u8], allowed: AlgSet) -> Result<Vec<Arc<VerifyKey>>, F
     let mut keys = Vec::new();
     let mut skipped = 0;
     for value in raw.keys.into_iter().take(MAX_KEYS_PER_DOCUMENT) {
-        let parsed = serde_json::from_value::<Jwk>(value)
-            .map_err(|_| "not a JWK")
-            .and_then(|jwk| key_from_jwk(&jwk, allowed));
-        match parsed {
+        let jwk = match serde_json::from_value::<Jwk>(value) {
+            Ok(jwk) => jwk,
+            Err(_) => {
+                skipped += 1;
+                tracing::debug!(url, reason = "not a JWK", "skipping a key of a key set");
+                continue;
+            }
+        };
+        match key_from_jwk(&jwk, allowed) {
             Ok(key) => keys.push(Arc::new(key)),
             Err(reason) => {
                 skipped += 1;
-                tracing::debug!(reason, "skipping a key of a key set");
+                // The kid came from the key server: bounded before it is logged.
+                let kid: Option<String> = jwk
+                    .common
+                    .key_id
+                    .as_deref()
+                    .map(|k| k.chars().take(64).collect());
+                match reason {
+                    SkippedKey::Rsa(size) => tracing::warn!(
+                        url,
+                        kid = kid.as_deref().unwrap_or("(none)"),
+                        reason = %size,
+                        "skipping an RSA key of a key set: it cannot verify signatures"
+                    ),
+                    SkippedKey::Unusable(reason) => tracing::debug!(
+                        url,
+                        kid = kid.as_deref().unwrap_or("(none)"),
+                        reason,
+                        "skipping a key of a key set"
+                    ),
+                }
             }
         }
     }
@@ -463,9 +582,17 @@ pub struct JwksSource {
     allowed: AlgSet,
     client: reqwest::Client,
     current: RwLock<Arc<KeySet>>,
-    fetch_lock: tokio::sync::Mutex<FetchState>,
-    /// Completed fetch rounds (successful or not).
-    rounds: AtomicU64,
+    /// Held for the length of a fetch; owned so that a fetch runs in its own
+    /// task, to the end, whoever of its waiters goes away.
+    fetch_lock: Arc<tokio::sync::Mutex<FetchState>>,
+    /// How many fetch rounds have begun; a round's number is this count when it began.
+    rounds_begun: AtomicU64,
+    /// The number of the last completed round (successful or not).
+    last_round_done: AtomicU64,
+    /// Whether that round fetched every URL.
+    last_round_ok: std::sync::atomic::AtomicBool,
+    /// Requests waiting in [`JwksSource::refetch_on_demand`].
+    refetch_waiters: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for JwksSource {
@@ -536,15 +663,18 @@ impl JwksSource {
                 fetched_at: vec![None; url_count],
                 max_staleness: settings.max_staleness,
             })),
-            fetch_lock: tokio::sync::Mutex::new(FetchState {
+            fetch_lock: Arc::new(tokio::sync::Mutex::new(FetchState {
                 urls: (0..url_count).map(|_| UrlKeys::default()).collect(),
                 last_on_demand: None,
-            }),
+            })),
             settings,
             urls,
             allowed,
             client,
-            rounds: AtomicU64::new(0),
+            rounds_begun: AtomicU64::new(0),
+            last_round_done: AtomicU64::new(0),
+            last_round_ok: std::sync::atomic::AtomicBool::new(false),
+            refetch_waiters: tokio::sync::Semaphore::new(MAX_REFETCH_WAITERS),
         })
     }
 
@@ -602,29 +732,67 @@ impl JwksSource {
         crate::metrics::jwks_gauges(&self.name, keys, age);
     }
 
-    /// Fetches the key set again because a token named a `kid` it does not have, at
-    /// most once per [`JwksSettings::min_refetch_interval`]. A caller that waited for
-    /// a fetch under way shares its result. Returns whether a fetch completed since
-    /// the call began (the caller should then look at the keys again).
-    pub async fn refetch_on_demand(&self) -> bool {
-        let rounds_before = self.rounds.load(Ordering::Acquire);
-        let mut state = self.fetch_lock.lock().await;
-        if self.rounds.load(Ordering::Acquire) != rounds_before {
+    /// Fetches the key set again because a token named a `kid` it does not
+    /// have (or the set has no usable key), at most once per
+    /// [`JwksSettings::min_refetch_interval`] (the hold-off). Returns whether
+    /// a fetch that answers the call completed (the caller should then look
+    /// at the keys again): one that began after the call began, or one under
+    /// way then if it failed or the caller does not `wait`. Concurrent
+    /// callers share that fetch.
+    ///
+    /// Inside the hold-off, a caller with `wait` waits for the next permitted
+    /// fetch (at most the hold-off, then the fetch itself); without `wait` it
+    /// gets `false` at once. Beyond [`MAX_REFETCH_WAITERS`] callers at once,
+    /// `false` at once too.
+    pub async fn refetch_on_demand(self: &Arc<Self>, wait: bool) -> bool {
+        let Ok(_waiting) = self.refetch_waiters.try_acquire() else {
+            tracing::debug!(provider = %self.name, "too many requests waiting for a key set fetch");
+            return false;
+        };
+        let done_before = self.last_round_done.load(Ordering::Acquire);
+        let begun_before = self.rounds_begun.load(Ordering::Acquire);
+        loop {
+            let mut state = self.fetch_lock.clone().lock_owned().await;
+            let done = self.last_round_done.load(Ordering::Acquire);
+            // A fetch that began after this call answers it. One already
+            // under way does too for an empty set, and for an unknown kid
+            // when it failed (the key server is in trouble: another fetch
+            // would double the wait for nothing); when it succeeded it may
+            // have asked before the new key was published, so the caller
+            // waits for the next.
+            let under_way_answers = !wait || !self.last_round_ok.load(Ordering::Acquire);
+            if done > begun_before || (under_way_answers && done > done_before) {
+                return true;
+            }
+            let now = Instant::now();
+            let next_permitted = state
+                .last_on_demand
+                .map(|at| at + self.settings.min_refetch_interval)
+                .filter(|next| *next > now);
+            if let Some(next) = next_permitted {
+                if !wait {
+                    return false;
+                }
+                drop(state);
+                tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+                continue;
+            }
+            state.last_on_demand = Some(now);
+            tracing::debug!(provider = %self.name, "unknown key id: fetching the key set again");
+            // In its own task: a caller that goes away (or its deadline) must
+            // not cancel the fetch the other waiters wait for.
+            let this = self.clone();
+            let fetch = tokio::spawn(async move {
+                let mut state = state;
+                this.fetch_all(&mut state).await;
+            });
+            let _ = fetch.await;
             return true;
         }
-        let now = Instant::now();
-        if state.last_on_demand.is_some_and(|at| {
-            now.saturating_duration_since(at) < self.settings.min_refetch_interval
-        }) {
-            return false;
-        }
-        state.last_on_demand = Some(now);
-        tracing::debug!(provider = %self.name, "unknown key id: fetching the key set again");
-        self.fetch_all(&mut state).await;
-        true
     }
 
     async fn fetch_all(&self, state: &mut FetchState) -> bool {
+        let round = self.rounds_begun.fetch_add(1, Ordering::AcqRel) + 1;
         let results =
             futures_util::future::join_all(self.urls.iter().map(|url| self.fetch_one(url.clone())))
                 .await;
@@ -650,7 +818,8 @@ impl JwksSource {
             }
         }
         self.publish(state);
-        self.rounds.fetch_add(1, Ordering::AcqRel);
+        self.last_round_ok.store(all_ok, Ordering::Release);
+        self.last_round_done.store(round, Ordering::Release);
         all_ok
     }
 
@@ -682,6 +851,7 @@ impl JwksSource {
     }
 
     async fn fetch_one(&self, url: reqwest::Url) -> Result<Vec<Arc<VerifyKey>>, FetchError> {
+        let url_text = url.to_string();
         let mut response = self
             .client
             .get(url)
@@ -712,7 +882,7 @@ impl JwksSource {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_jwks(&body, self.allowed)
+        parse_jwks(&body, self.allowed, url_text.as_str())
     }
 
     /// When the next URL's keys become stale, if that is in the future.
@@ -836,33 +1006,66 @@ mod tests {
     }
 
     #[test]
+    fn rsa_key_sizes() {
+        assert_eq!(modulus_bits(&[]), 0);
+        assert_eq!(modulus_bits(&[0, 0]), 0);
+        assert_eq!(modulus_bits(&[0, 1]), 1);
+        assert_eq!(modulus_bits(&[0, 0x80, 0]), 16);
+        assert_eq!(
+            check_rsa_modulus(&[0xff; 128]),
+            Err(RsaKeyError::TooSmall(1024))
+        );
+        // 256 bytes are not always 2048 bits.
+        assert_eq!(
+            check_rsa_modulus(&[0x7f; 256]),
+            Err(RsaKeyError::TooSmall(2047))
+        );
+        assert_eq!(check_rsa_modulus(&[0x80; 256]), Ok(2048));
+        let mut padded = vec![0; 3];
+        padded.extend([0xc5; 512]);
+        assert_eq!(check_rsa_modulus(&padded), Ok(4096));
+        assert_eq!(check_rsa_modulus(&[0xff; 1024]), Ok(8192));
+        assert_eq!(
+            check_rsa_modulus(&[0x01; 1025]),
+            Err(RsaKeyError::TooLarge(8193))
+        );
+        assert_eq!(
+            RsaKeyError::TooSmall(1024).to_string(),
+            "RSA key of 1024 bits; at least 2048 are needed"
+        );
+    }
+
+    #[test]
     fn key_set_documents() {
         let all =
             AlgSet::from_slice(&[Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]).unwrap();
         assert!(matches!(
-            parse_jwks(b"not json", all),
+            parse_jwks(b"not json", all, "test"),
             Err(FetchError::Json(_))
         ));
-        assert!(matches!(parse_jwks(b"{}", all), Err(FetchError::Json(_))));
         assert!(matches!(
-            parse_jwks(b"{\"keys\":[]}", all),
+            parse_jwks(b"{}", all, "test"),
+            Err(FetchError::Json(_))
+        ));
+        assert!(matches!(
+            parse_jwks(b"{\"keys\":[]}", all, "test"),
             Err(FetchError::Empty)
         ));
         let oct = br#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"},{"kty":"weird"},42]}"#;
         assert!(matches!(
-            parse_jwks(oct, all),
+            parse_jwks(oct, all, "test"),
             Err(FetchError::NoUsableKeys(3))
         ));
         // A P-256 point of the wrong length is refused when loaded.
         let bad_ec = br#"{"keys":[{"kty":"EC","crv":"P-256","x":"AAAA","y":"AAAA","kid":"e"}]}"#;
         assert!(matches!(
-            parse_jwks(bad_ec, all),
+            parse_jwks(bad_ec, all, "test"),
             Err(FetchError::NoUsableKeys(1))
         ));
         // A short RSA modulus is refused.
         let small_rsa = br#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB","kid":"r"}]}"#;
         assert!(matches!(
-            parse_jwks(small_rsa, all),
+            parse_jwks(small_rsa, all, "test"),
             Err(FetchError::NoUsableKeys(1))
         ));
     }

@@ -11,7 +11,8 @@
 //!   -> provider: the only one (BuildGrid style, no issuer), or chosen by the exact
 //!      unverified `iss` (verified again after the signature)
 //!   -> key: the static secret / PEM key, or the JWKS key with the token's `kid`
-//!      (an unknown kid triggers one rate-limited refetch)
+//!      (an unknown kid triggers one rate-limited refetch; inside the hold-off
+//!      the token waits for the next one)
 //!   -> jsonwebtoken::decode with the Validation pre-built for (provider, alg):
 //!      signature, `exp` (required), `nbf`, `iss`, `aud` (required when configured)
 //!   -> own checks: `iat` not in the future, lifetime cap, no duplicate claim names
@@ -241,6 +242,15 @@ pub enum JwtConfigError {
         length: usize,
         /// The minimum length in bytes.
         minimum: usize,
+    },
+    /// The public key is an RSA key of a size that cannot verify signatures.
+    #[error("provider {provider:?}: {source}")]
+    RsaKeySize {
+        /// The provider's name.
+        provider: String,
+        /// The size and the limit.
+        #[source]
+        source: jwks::RsaKeyError,
     },
     /// The public key PEM cannot be used.
     #[error("provider {provider:?}: bad public key: {reason}")]
@@ -900,24 +910,26 @@ impl Drop for JwtAuthenticator {
 }
 
 /// Finds the keys of a key set that may verify a token, refetching once if the
-/// `kid` is unknown or the set is empty.
+/// `kid` is unknown (waiting out the refetch hold-off if need be, so that a
+/// new key is found) or the set is empty (not waiting: the key server is
+/// down, and the periodic refresh retries).
 async fn find_keys(
-    source: &JwksSource,
+    source: &Arc<JwksSource>,
     kid: Option<&str>,
     alg: Algorithm,
 ) -> Result<Vec<Arc<VerifyKey>>, AuthError> {
     let mut refetched = false;
     loop {
         let selection = source.current().select(kid, alg, Instant::now());
-        let error = match selection {
+        let (error, wait) = match selection {
             Selection::Found(keys) => return Ok(keys),
             Selection::AlgorithmMismatch => return Err(AuthError::KeyAlgorithmMismatch),
             Selection::Ambiguous => return Err(AuthError::AmbiguousKey),
             Selection::NoKeyForAlgorithm => return Err(AuthError::UnknownKey),
-            Selection::UnknownKid => AuthError::UnknownKey,
-            Selection::NoKeys => AuthError::NoKeys,
+            Selection::UnknownKid => (AuthError::UnknownKey, true),
+            Selection::NoKeys => (AuthError::NoKeys, false),
         };
-        if refetched || !source.refetch_on_demand().await {
+        if refetched || !source.refetch_on_demand(wait).await {
             return Err(error);
         }
         refetched = true;
@@ -1011,6 +1023,16 @@ fn build_provider(p: ProviderSettings, leeway_secs: u64) -> Result<Provider, Jwt
                     reason,
                 }
             })?;
+            jwks::check_rsa_key(&key).map_err(|source| match source {
+                jwks::RsaKeyError::Malformed => JwtConfigError::BadPublicKey {
+                    provider: name.clone(),
+                    reason: "not a readable RSA public key",
+                },
+                source => JwtConfigError::RsaKeySize {
+                    provider: name.clone(),
+                    source,
+                },
+            })?;
             ProviderKeys::Static(Arc::new(VerifyKey {
                 kid: None,
                 algorithms: alg_set,
@@ -1094,6 +1116,19 @@ fn hmac_minimum(alg: Algorithm) -> usize {
         Algorithm::HS384 => 48,
         Algorithm::HS512 => 64,
         _ => 32,
+    }
+}
+
+/// Checks the size of the RSA key in a PEM, so that the config can refuse
+/// it with the file and key path. A PEM that holds no RSA public key passes:
+/// it is refused when the authenticator is built.
+pub fn check_rsa_pem_size(pem: &[u8]) -> Result<(), jwks::RsaKeyError> {
+    match DecodingKey::from_rsa_pem(pem) {
+        Ok(key) => match jwks::check_rsa_key(&key) {
+            Err(jwks::RsaKeyError::Malformed) => Ok(()),
+            other => other,
+        },
+        Err(_) => Ok(()),
     }
 }
 

@@ -22,7 +22,13 @@
 //!   [`Admission`] in the request extensions, its identity's actor, subject
 //!   and workflow are sent as `x-request-*` (what BuildGrid's `method:
 //!   headers` reads).
-//! - An unreachable upstream is answered with UNAVAILABLE naming its address.
+//! - Errors name no internals: a caller whose request cannot reach the
+//!   upstream (it is unreachable, refuses the handshake, or the connection
+//!   breaks mid-response) gets UNAVAILABLE "upstream for instance X
+//!   unavailable" (DEADLINE_EXCEEDED "... did not answer before the
+//!   deadline" when its deadline passed first), never the address or the
+//!   transport error; those go to the log as a warning, the address without
+//!   its `user:password@` ([`crate::config::without_userinfo`]).
 //! - Instance-name rewriting (`instance-name:`): the requests whose first
 //!   field names the instance (Capabilities, CAS, ActionCache, Execute),
 //!   ByteStream resource names (Read, Write, QueryWriteStatus), operation
@@ -46,16 +52,18 @@ use http::HeaderMap;
 use tonic::body::Body;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::{Config, InstanceBackend, UpstreamConfig};
+use crate::config::{without_userinfo, Config, InstanceBackend, UpstreamConfig};
 use crate::gate::admission::Admission;
 use crate::gate::authn::{ACTOR_HEADER, CALLER_HEADERS, SUBJECT_HEADER, WORKFLOW_HEADER};
 use crate::gate::frame::RefusalSlot;
+use crate::gate::policy::show_instance;
 
 mod rewrite;
 
 /// Why an upstream could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    /// `address` is shown without its user-info.
     #[error("upstream {address}: {reason}")]
     Setup { address: String, reason: String },
 }
@@ -68,8 +76,13 @@ pub struct Upstream {
 }
 
 struct Inner {
-    /// The configured address, for messages.
-    address: String,
+    /// The public instance name, for the caller's error messages.
+    instance: String,
+    /// The configured address without its user-info, for the log.
+    shown_address: String,
+    /// The user-info of the configured address (`user:password@`), scrubbed
+    /// from logged errors should a library ever quote the address.
+    userinfo: Option<String>,
     headers: HeaderMap,
     rewrite: Option<rewrite::Rewrite>,
 }
@@ -95,7 +108,7 @@ impl Upstream {
         limits: crate::gate::frame::Limits,
     ) -> Result<Upstream, UpstreamError> {
         let err = |reason: String| UpstreamError::Setup {
-            address: cfg.address.clone(),
+            address: cfg.shown_address(),
             reason,
         };
         let host_port = cfg
@@ -147,7 +160,9 @@ impl Upstream {
         };
         Ok(Upstream {
             inner: Arc::new(Inner {
-                address: cfg.address.clone(),
+                instance: public_name.to_string(),
+                shown_address: cfg.shown_address(),
+                userinfo: userinfo(&cfg.address),
                 headers,
                 rewrite,
             }),
@@ -155,9 +170,9 @@ impl Upstream {
         })
     }
 
-    /// The configured address.
-    pub fn address(&self) -> &str {
-        &self.inner.address
+    /// The configured address without its user-info.
+    pub fn shown_address(&self) -> &str {
+        &self.inner.shown_address
     }
 
     fn prepare(
@@ -191,25 +206,102 @@ impl Upstream {
     }
 }
 
-/// The status for a transport failure reaching `address`.
-fn transport_status(address: &str, e: tonic::transport::Error) -> tonic::Status {
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    let mut timed_out = false;
-    while let Some(s) = source {
-        if s.is::<tonic::TimeoutExpired>() {
-            timed_out = true;
+impl Inner {
+    fn scrub(&self, text: &str) -> String {
+        match &self.userinfo {
+            Some(u) => text.replace(u.as_str(), ""),
+            None => text.to_string(),
         }
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
     }
-    if timed_out {
-        tonic::Status::deadline_exceeded(format!(
-            "upstream {address} did not answer before the deadline"
-        ))
-    } else {
-        tonic::Status::unavailable(format!("upstream {address} is unreachable: {detail}"))
+
+    /// The caller's status for a failure to reach the upstream (or to read its
+    /// response): the instance only. The address and the error chain go to
+    /// the log.
+    fn transport_status(&self, e: &(dyn std::error::Error + 'static)) -> tonic::Status {
+        let mut detail = e.to_string();
+        let mut source = e.source();
+        let mut timed_out = e.is::<tonic::TimeoutExpired>();
+        while let Some(s) = source {
+            timed_out |= s.is::<tonic::TimeoutExpired>();
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        let instance = show_instance(&self.instance);
+        tracing::warn!(
+            instance = %instance,
+            upstream = %self.shown_address,
+            error = %self.scrub(&detail),
+            "upstream request failed"
+        );
+        if timed_out {
+            tonic::Status::deadline_exceeded(format!(
+                "upstream for instance {instance} did not answer before the deadline"
+            ))
+        } else {
+            tonic::Status::unavailable(format!("upstream for instance {instance} unavailable"))
+        }
+    }
+}
+
+/// The `user:password@` of an address, if it has one.
+fn userinfo(address: &str) -> Option<String> {
+    let shown = without_userinfo(address);
+    let start = address.find("://").map_or(0, |i| i + 3);
+    let len = address.len().checked_sub(shown.len())?;
+    (len > 0).then(|| address[start..start + len].to_string())
+}
+
+/// The upstream's response, its body passed on as it is (trailers included)
+/// unless the connection breaks mid-stream: then the stream ends with the
+/// caller's status in trailers (see [`Inner::transport_status`]).
+fn guard_body(inner: Arc<Inner>, resp: http::Response<Body>) -> http::Response<Body> {
+    resp.map(|body| {
+        Body::new(GuardedBody {
+            body,
+            inner,
+            ended: false,
+        })
+    })
+}
+
+struct GuardedBody {
+    body: Body,
+    inner: Arc<Inner>,
+    ended: bool,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.ended = true;
+                let status = self.inner.transport_status(&e);
+                let mut trailers = HeaderMap::new();
+                Poll::Ready(Some(match status.add_header(&mut trailers) {
+                    Ok(()) => Ok(http_body::Frame::trailers(trailers)),
+                    Err(status) => Err(status),
+                }))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -235,13 +327,16 @@ impl tower::Service<http::Request<Body>> for Upstream {
                 Err(status) => return Ok(status.into_http()),
             };
             let resp = match tower::ServiceExt::oneshot(this.channel.clone(), req).await {
-                Ok(resp) => match response {
-                    Some(rewrite) => rewrite.apply(resp),
-                    None => resp,
-                },
+                Ok(resp) => {
+                    let resp = guard_body(this.inner.clone(), resp);
+                    match response {
+                        Some(rewrite) => rewrite.apply(resp),
+                        None => resp,
+                    }
+                }
                 Err(e) => match slot.as_ref().and_then(RefusalSlot::get) {
                     Some(refusal) => return Ok(refusal.clone().into_http()),
-                    None => transport_status(&this.inner.address, e).into_http(),
+                    None => this.inner.transport_status(&e).into_http(),
                 },
             };
             Ok(match slot {

@@ -13,6 +13,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::TlsConfig;
 use crate::gate::identity::PeerCertificate;
 
+mod subject;
+
 /// Why a channel's TLS settings could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -88,18 +90,18 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// Reads the identity fields of a (verified) client certificate.
+/// Reads the identity fields of a (verified) client certificate: the subject
+/// in RFC 4514 form (see [`subject`]), the first common name, the SANs.
 pub fn peer_certificate(der: &CertificateDer<'_>) -> Option<PeerCertificate> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let subject = cert.subject();
+    let name = cert.subject();
     let mut out = PeerCertificate {
-        subject: subject.to_string(),
-        common_name: subject
+        subject: subject::rfc4514(name)?,
+        common_name: name
             .iter_common_name()
             .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string),
+            .and_then(|cn| subject::string_value(cn.attr_value())),
         ..PeerCertificate::default()
     };
     if let Ok(Some(san)) = cert.subject_alternative_name() {

@@ -50,7 +50,9 @@ pub enum Behavior {
     Empty,
     /// Reads the request and never answers (until the client gives up or the server stops).
     Hang,
-    /// Waits this long, then serves the key set.
+    /// Serves the key set as it is when the request arrives, but only after
+    /// this long (a slow key server: a key published meanwhile is not in
+    /// this answer).
     Delay(Duration),
 }
 
@@ -240,8 +242,9 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
         Behavior::Delay(delay) => {
+            let body = lock(&shared.body).clone();
             tokio::time::sleep(delay).await;
-            (200, lock(&shared.body).clone())
+            (200, body)
         }
     };
     let response = format!(
@@ -415,6 +418,28 @@ impl TestKey {
             jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.alg).expect("sign");
         format!("{message}.{signature}")
     }
+}
+
+/// A real 1024-bit RSA public key (PEM, SubjectPublicKeyInfo), as BuildGrid's
+/// own RS256 test key is: too small for aws-lc-rs to verify with.
+pub const RSA_1024_PUBLIC_PEM: &str = include_str!("../keys/rs1024.pub.pem");
+
+/// The public JWK (RS256, `use: sig`) of [`RSA_1024_PUBLIC_PEM`] with this `kid`.
+pub fn rsa_1024_jwk(kid: &str) -> Value {
+    use x509_parser::prelude::FromDer as _;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(RSA_1024_PUBLIC_PEM.as_bytes()).expect("PEM");
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&pem.contents).expect("SPKI");
+    let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
+        panic!("not an RSA key")
+    };
+    let n: Vec<u8> = rsa
+        .modulus
+        .iter()
+        .copied()
+        .skip_while(|b| *b == 0)
+        .collect();
+    assert_eq!(n.len() * 8, 1024);
+    json!({"kty": "RSA", "n": b64url(n), "e": b64url(rsa.exponent), "kid": kid, "alg": "RS256", "use": "sig"})
 }
 
 /// The key set document serving these keys' public JWKs.

@@ -31,6 +31,8 @@ pub struct Certs {
     /// A client certificate from an unrelated CA.
     pub rogue_cert: PathBuf,
     pub rogue_key: PathBuf,
+    /// The CA behind `ca`, for more client certificates.
+    pub authority: DevCa,
 }
 
 impl Certs {
@@ -60,7 +62,30 @@ impl Certs {
             rogue_cert: write("mallory.crt", &rogue.cert_pem),
             rogue_key: write("mallory.key", &rogue.key_pem),
             dir,
+            authority: ca,
         }
+    }
+
+    /// A client certificate from `ca` with this subject (attributes in
+    /// certificate order), written as `NAME.crt` / `NAME.key`.
+    pub fn client_with_subject(
+        &self,
+        name: &str,
+        subject: &[(rcgen::DnType, &str)],
+    ) -> (PathBuf, PathBuf) {
+        let mut dn = rcgen::DistinguishedName::new();
+        for (kind, value) in subject {
+            dn.push(kind.clone(), *value);
+        }
+        let pair = self
+            .authority
+            .client_with_subject(dn, &[])
+            .expect("client cert");
+        let cert = self.dir.path().join(format!("{name}.crt"));
+        let key = self.dir.path().join(format!("{name}.key"));
+        std::fs::write(&cert, &pair.cert_pem).expect("write");
+        std::fs::write(&key, &pair.key_pem).expect("write");
+        (cert, key)
     }
 
     /// A `credentials:` block for a TLS channel (with client CA when `mtls`).

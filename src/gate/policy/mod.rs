@@ -640,7 +640,7 @@ fn no_entry(instance: &str) -> String {
 }
 
 /// An instance name as shown in reasons: as it is, or `""` for the empty name.
-fn show_instance(instance: &str) -> Cow<'_, str> {
+pub(crate) fn show_instance(instance: &str) -> Cow<'_, str> {
     if instance.is_empty() {
         Cow::Borrowed("\"\"")
     } else {
