@@ -34,6 +34,8 @@ const LIFECYCLE: &str = "/google.devtools.build.v1.PublishBuildEvent/PublishLife
 #[derive(Debug, Clone)]
 struct Seen {
     path: String,
+    /// The `:authority` the upstream was sent.
+    authority: String,
     headers: http::HeaderMap,
     /// Every message, decoded as grpc-js would (all gzip members).
     messages: Vec<Vec<u8>>,
@@ -104,6 +106,11 @@ impl Recorder {
                                 }
                                 log.lock().unwrap().push(Seen {
                                     path: parts.uri.path().to_string(),
+                                    authority: parts
+                                        .uri
+                                        .authority()
+                                        .map(|a| a.to_string())
+                                        .unwrap_or_default(),
                                     headers: parts.headers,
                                     messages,
                                     compressed,
@@ -709,5 +716,42 @@ async fn later_and_rewritten_messages_are_held_to_the_message_limit() {
     )
     .await;
     assert_eq!(code, Code::ResourceExhausted, "{text}");
+    server.stop().await;
+}
+
+/// User-info in an upstream address is never sent upstream (it would go in
+/// `:authority`).
+#[tokio::test]
+async fn upstream_user_info_is_never_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Recorder::start().await;
+    let yaml = loopback_config(
+        "",
+        &format!(
+            "authorization:\n  method: none\ninstances:\n  - name: x\n    upstream: {{ address: \"grpc://builder:hunter2@{}\" }}\n",
+            upstream.addr
+        ),
+    );
+    let server = TestServer::start(&yaml, dir.path()).await;
+    let (code, msg) = call(
+        server.tcp(),
+        BATCH_READ,
+        &[],
+        vec![framed(false, &batch_read("x"))],
+        None,
+    )
+    .await;
+    assert_eq!(code, Code::Ok, "{msg}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        !seen[0].authority.contains("hunter2") && !seen[0].authority.contains('@'),
+        "{:?}",
+        seen[0].authority
+    );
+    assert!(seen[0]
+        .headers
+        .values()
+        .all(|v| !String::from_utf8_lossy(v.as_bytes()).contains("hunter2")));
     server.stop().await;
 }

@@ -111,8 +111,18 @@ impl Upstream {
             address: cfg.shown_address(),
             reason,
         };
-        let host_port = cfg
-            .address
+        // User-info in the address is never sent: it would go upstream in
+        // `:authority` and spoil the TLS server name (gRPC has no use for it;
+        // credentials belong in `headers:`).
+        let address = without_userinfo(&cfg.address);
+        if address != cfg.address {
+            tracing::warn!(
+                instance = %show_instance(public_name),
+                upstream = %address,
+                "the upstream address has user:password@, which is not sent; put credentials in headers:"
+            );
+        }
+        let host_port = address
             .split_once("://")
             .map(|(_, rest)| rest.trim_end_matches('/'))
             .ok_or_else(|| err("needs grpc:// or grpcs://".into()))?;
