@@ -129,7 +129,6 @@ fn bench_admit(c: &mut Criterion) {
     use gridgate::config::Config;
     use gridgate::gate::{Gate, GateLayer};
     use gridgate::proto::build::bazel::remote::execution::v2 as re;
-    use gridgate::reapi::upstream::Upstreams;
     use prost::Message;
     use tower::{Layer, ServiceExt};
 
@@ -178,7 +177,6 @@ fn bench_admit(c: &mut Criterion) {
     for (name, yaml, with_token) in [("none", &none, false), ("jwt_acl_cached", &jwt, true)] {
         let config = Config::parse(yaml, "bench.yaml", dir.path()).expect("config");
         let gate = Arc::new(Gate::from_config(&config).expect("gate"));
-        let upstreams = Arc::new(Upstreams::new(&config).expect("upstreams"));
         let inner = tower::service_fn(|req: http::Request<tonic::body::Body>| async move {
             assert!(req
                 .extensions()
@@ -186,7 +184,7 @@ fn bench_admit(c: &mut Criterion) {
                 .is_some());
             Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
         });
-        let svc = GateLayer::new(gate, upstreams).layer(inner);
+        let svc = GateLayer::new(gate).layer(inner);
         let request = || {
             let mut b = http::Request::builder()
                 .method("POST")

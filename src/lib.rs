@@ -33,6 +33,7 @@ pub mod devcerts;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
+pub mod layers;
 pub mod metrics;
 pub mod proto;
 pub mod reapi;

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 use super::identity::{AuthMethod, Identity, PeerCertificate};
 use super::jwt::{AuthError, ConnectionToken, JwtAuthenticator};
@@ -70,37 +70,85 @@ impl From<AuthError> for Unauthenticated {
     }
 }
 
-/// The Bearer token of a request, if any.
-///
-/// The scheme is matched case-insensitively (RFC 7235). Two `authorization`
-/// headers, a non-Bearer scheme or an empty token are refused rather than
-/// guessed at.
+/// What the Gate needs of a request's headers, read in one pass over them
+/// (a lookup per header would hash every name again).
+#[derive(Debug, Default)]
+pub struct Scanned<'a> {
+    /// The header list's size as HTTP/2 counts it (RFC 9113, section 6.5.2:
+    /// name, value and 32 bytes per field), pseudo-headers not included.
+    pub size: usize,
+    /// `grpc-encoding`.
+    pub encoding: Option<&'a HeaderValue>,
+    /// The first `authorization` header.
+    pub authorization: Option<&'a HeaderValue>,
+    /// How many `authorization` headers there are.
+    pub authorizations: usize,
+    /// Whether any of [`CALLER_HEADERS`] is present (they are stripped).
+    pub caller_headers: bool,
+}
+
+/// Reads the headers the Gate uses.
+pub fn scan(headers: &HeaderMap) -> Scanned<'_> {
+    let mut s = Scanned::default();
+    for (name, value) in headers {
+        s.size += name.as_str().len() + value.len() + 32;
+        if name == http::header::AUTHORIZATION {
+            s.authorizations += 1;
+            s.authorization.get_or_insert(value);
+            s.caller_headers = true;
+        } else {
+            match name.as_str() {
+                "grpc-encoding" => s.encoding = Some(value),
+                ACTOR_HEADER | SUBJECT_HEADER | WORKFLOW_HEADER => s.caller_headers = true,
+                _ => {}
+            }
+        }
+    }
+    s
+}
+
+impl<'a> Scanned<'a> {
+    /// The Bearer token, if any.
+    ///
+    /// The scheme is matched case-insensitively (RFC 7235). Two `authorization`
+    /// headers, a non-Bearer scheme or an empty token are refused rather than
+    /// guessed at.
+    pub fn bearer(&self) -> Result<Option<&'a str>, Unauthenticated> {
+        let Some(value) = self.authorization else {
+            return Ok(None);
+        };
+        if self.authorizations > 1 {
+            return Err(Unauthenticated::Malformed(
+                "more than one authorization header",
+            ));
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| Unauthenticated::Malformed("authorization header is not ASCII"))?;
+        let (scheme, token) = value.split_once(' ').ok_or(Unauthenticated::Malformed(
+            "authorization header is not `Bearer <token>`",
+        ))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Unauthenticated::Malformed(
+                "authorization header is not a Bearer token",
+            ));
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Unauthenticated::Malformed("empty Bearer token"));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// The Bearer token of a request, if any (see [`Scanned::bearer`]).
 pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Unauthenticated> {
-    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        return Err(Unauthenticated::Malformed(
-            "more than one authorization header",
-        ));
+    let mut s = Scanned::default();
+    for value in headers.get_all(http::header::AUTHORIZATION) {
+        s.authorizations += 1;
+        s.authorization.get_or_insert(value);
     }
-    let value = value
-        .to_str()
-        .map_err(|_| Unauthenticated::Malformed("authorization header is not ASCII"))?;
-    let (scheme, token) = value.split_once(' ').ok_or(Unauthenticated::Malformed(
-        "authorization header is not `Bearer <token>`",
-    ))?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(Unauthenticated::Malformed(
-            "authorization header is not a Bearer token",
-        ));
-    }
-    let token = token.trim();
-    if token.is_empty() {
-        return Err(Unauthenticated::Malformed("empty Bearer token"));
-    }
-    Ok(Some(token))
+    s.bearer()
 }
 
 /// Identifies a caller by JWT, or by client certificate when no token is sent.
@@ -108,11 +156,11 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Unauthenticated> {
 /// client repeating its token pays for a comparison, not a lookup.
 pub async fn identify_jwt(
     jwt: &JwtAuthenticator,
-    headers: &HeaderMap,
+    token: Result<Option<&str>, Unauthenticated>,
     certificate: Option<&Arc<PeerCertificate>>,
     connection: Option<&ConnectionToken>,
 ) -> Result<Arc<Identity>, Unauthenticated> {
-    match (bearer(headers)?, connection) {
+    match (token?, connection) {
         (Some(token), Some(slot)) => Ok(jwt
             .authenticate_on_connection(token, slot, certificate)
             .await?),
@@ -215,6 +263,28 @@ mod tests {
             ("authorization", "Bearer b")
         ]))
         .is_err());
+    }
+
+    #[test]
+    fn one_scan_finds_what_the_gate_reads() {
+        let h = headers(&[
+            ("grpc-encoding", "gzip"),
+            ("authorization", "Bearer abc"),
+            ("x-other", "v"),
+        ]);
+        let s = scan(&h);
+        assert_eq!(s.encoding.unwrap(), "gzip");
+        assert_eq!(s.bearer(), Ok(Some("abc")));
+        assert!(s.caller_headers);
+        assert_eq!(
+            s.size,
+            "grpc-encoding".len() + 4 + "authorization".len() + 10 + 7 + 1 + 3 * 32
+        );
+        let h = headers(&[("x-request-actor", "a")]);
+        let s = scan(&h);
+        assert!(s.caller_headers);
+        assert_eq!(s.bearer(), Ok(None));
+        assert!(!scan(&headers(&[("x-other", "v")])).caller_headers);
     }
 
     #[test]

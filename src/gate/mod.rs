@@ -5,6 +5,8 @@
 //! service. See [`layer`] for the request path.
 
 pub mod admission;
+mod admit;
+pub mod audit;
 pub mod authn;
 pub mod decide;
 pub mod explain;
@@ -13,11 +15,9 @@ pub mod identity;
 pub mod jwks;
 pub mod jwt;
 pub mod layer;
-mod observe;
 pub mod policy;
 pub mod refusal;
 pub mod reload;
-pub mod request_id;
 pub mod route;
 pub mod scan;
 pub mod shares;
@@ -185,6 +185,17 @@ impl Gate {
     /// The token verifier, with `method: jwt`.
     pub fn jwt(&self) -> Option<&Arc<jwt::JwtAuthenticator>> {
         self.jwt.as_ref()
+    }
+
+    /// Counts an admitted request's decision (`gridgate_gate_decisions_total`).
+    pub(crate) fn count_allowed(&self, label: &'static str) {
+        crate::metrics::gate_decision("allow", label);
+    }
+
+    /// The (service, RPC) labels of a path, for the metrics of requests the
+    /// Gate did not see (those shed before it).
+    pub fn labels(&self, path: &str) -> Option<(&'static str, &'static str)> {
+        self.routes.get(path).map(|r| (r.service, r.rpc))
     }
 
     pub(crate) fn clone_authorizer(&self) -> Arc<dyn Authorizer> {

@@ -23,11 +23,6 @@ pub enum Refusal {
         /// The path, already cut to a loggable length.
         path: String,
     },
-    /// `limits.max-concurrent-requests` are in progress.
-    Shed {
-        /// The limit.
-        max: usize,
-    },
     /// Open routes and anonymous callers hold their whole share of requests
     /// in progress (in total, or on this connection).
     AnonymousShare {
@@ -96,8 +91,7 @@ impl Refusal {
     pub fn code(&self) -> Code {
         match self {
             Refusal::Unrouted { .. } => Code::Unimplemented,
-            Refusal::Shed { .. }
-            | Refusal::AnonymousShare { .. }
+            Refusal::AnonymousShare { .. }
             | Refusal::PendingBytes { .. }
             | Refusal::HeaderList { .. } => Code::ResourceExhausted,
             Refusal::UnsupportedEncoding(s) | Refusal::TooLarge(s) | Refusal::Malformed(s) => {
@@ -114,7 +108,6 @@ impl Refusal {
     pub fn labels(&self) -> (&'static str, &'static str) {
         match self {
             Refusal::Unrouted { .. } => ("unrouted", "no_route"),
-            Refusal::Shed { .. } => ("shed", "max_concurrent_requests"),
             Refusal::AnonymousShare { .. } => ("shed", "anonymous_share"),
             Refusal::PendingBytes { .. } => ("shed", "pending_bytes"),
             Refusal::HeaderList { .. } => ("invalid", "header_list_too_large"),
@@ -169,10 +162,6 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::Unrouted { path } => write!(f, "gridgate does not route {path}"),
-            Refusal::Shed { max } => write!(
-                f,
-                "gridgate is at its limit of {max} requests in progress; retry with backoff"
-            ),
             Refusal::AnonymousShare { scope, max } => write!(
                 f,
                 "open routes and anonymous callers hold their share of {max} requests in progress \
@@ -233,11 +222,6 @@ mod tests {
                 },
                 Code::Unimplemented,
                 ("unrouted", "no_route"),
-            ),
-            (
-                Refusal::Shed { max: 3 },
-                Code::ResourceExhausted,
-                ("shed", "max_concurrent_requests"),
             ),
             (
                 Refusal::AnonymousShare {

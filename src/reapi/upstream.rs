@@ -58,7 +58,10 @@ use crate::gate::authn::{ACTOR_HEADER, CALLER_HEADERS, SUBJECT_HEADER, WORKFLOW_
 use crate::gate::frame::RefusalSlot;
 use crate::gate::policy::show_instance;
 
+mod dispatch;
 mod rewrite;
+
+pub use dispatch::DispatchLayer;
 
 /// Why an upstream could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -444,6 +447,13 @@ impl Upstreams {
             }
         }
         Ok(Upstreams { by_name })
+    }
+
+    /// Forwarders by public instance name (for tests and tools).
+    pub fn from_map(by_name: impl IntoIterator<Item = (String, Upstream)>) -> Upstreams {
+        Upstreams {
+            by_name: by_name.into_iter().collect(),
+        }
     }
 
     /// The forwarder for `instance`, if it is an upstream instance.

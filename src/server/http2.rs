@@ -79,7 +79,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Watched for T {}
 /// Serves one connection until it closes, the client stays silent past its
 /// deadline, it is idle too long, or `drain` turns true (then GOAWAY, and
 /// the open streams may finish).
-pub async fn serve_connection<I, S>(
+pub async fn serve_connection<I, S, B>(
     io: I,
     info: Arc<ConnInfo>,
     accepted: Instant,
@@ -88,11 +88,9 @@ pub async fn serve_connection<I, S>(
     mut drain: watch::Receiver<bool>,
 ) where
     I: Watched,
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: HttpBody<Data = Bytes, Error = Status> + Send + Unpin + 'static,
 {
     let spoke = Arc::new(AtomicBool::new(false));
     let io = PrefaceWatch::new(io, spoke.clone());
@@ -274,13 +272,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for PrefaceWatch<I> {
 /// A response body that keeps its stream counted as open until dropped. A
 /// body that fails after the response began ends with its status as
 /// trailers, as gRPC clients expect, rather than with a reset stream.
-struct Tracked {
-    inner: Body,
+struct Tracked<B> {
+    inner: B,
     _stream: OpenStream,
     ended: bool,
 }
 
-impl HttpBody for Tracked {
+impl<B> HttpBody for Tracked<B>
+where
+    B: HttpBody<Data = Bytes, Error = Status> + Unpin,
+{
     type Data = Bytes;
     type Error = Status;
 

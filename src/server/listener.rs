@@ -248,13 +248,14 @@ impl BoundChannel {
     /// so a slow client holds up nobody). Connections beyond what `slots`
     /// allows are closed at once. Every connection task holds a clone of
     /// `alive`, so the caller knows when the last one has ended.
-    pub async fn accept_loop<S>(self, serving: Serving<S>, mut stop: watch::Receiver<bool>)
+    pub async fn accept_loop<S, B>(self, serving: Serving<S>, mut stop: watch::Receiver<bool>)
     where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
             + Clone
             + Send
             + 'static,
         S::Future: Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes, Error = tonic::Status> + Send + Unpin + 'static,
     {
         let addr = self.addr.clone();
         loop {

@@ -12,7 +12,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod deadline;
 pub mod http2;
 pub mod listener;
 pub mod tls;
@@ -27,6 +26,8 @@ use tonic::service::RoutesBuilder;
 use crate::config::{AuthMethod, Config};
 pub use crate::conn::{ConnInfo, Peer};
 use crate::gate::{Gate, GateLayer};
+use crate::layers::{deadline, observe, request_id, shed};
+use crate::reapi::upstream::DispatchLayer;
 pub use listener::BoundAddr;
 
 /// Why the gateway could not start or stopped with an error.
@@ -250,14 +251,21 @@ impl Gateway {
             background.push(tls::spawn_reloader(live_tls, Duration::from_secs(1)));
         }
 
+        let labels = gate.clone();
         let stack = tower::ServiceBuilder::new()
-            // The caller's grpc-timeout, over everything below.
+            // Every request gets an id, on its audit line and its response.
+            .layer(request_id::RequestIdLayer)
+            // Metrics and the request log, measured to the end of the response.
+            .layer(observe::ObserveLayer::new(move |path| labels.labels(path)))
+            // At most max-concurrent-requests in progress; more are shed at once.
+            .layer(shed::ShedLayer::new(limits.max_concurrent_requests))
+            // The caller's grpc-timeout, over the Gate's wait and the service.
             .layer(deadline::DeadlineLayer)
-            // Request ids, the in-flight limit, metrics, and the Gate.
-            .layer(
-                GateLayer::new(gate.clone(), upstreams)
-                    .with_max_in_flight(limits.max_concurrent_requests),
-            )
+            // The Gate: admission, and nothing else.
+            .layer(GateLayer::new(gate.clone()))
+            // Admitted REAPI requests of upstream instances go to their upstream.
+            .layer(DispatchLayer::new(upstreams))
+            // The local services.
             .service(routes);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (alive, mut all_closed) = mpsc::channel::<()>(1);

@@ -7,7 +7,7 @@
 //! a stream that has started answering is the service's to end.
 //!
 //! ```
-//! # use gridgate::server::deadline::DeadlineLayer;
+//! # use gridgate::layers::deadline::DeadlineLayer;
 //! let stack = tower::ServiceBuilder::new()
 //!     .layer(DeadlineLayer)
 //!     .service(tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
-use tonic::body::Body;
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -43,11 +42,12 @@ pub struct Deadline<S> {
     inner: S,
 }
 
-impl<S> Service<Request<Body>> for Deadline<S>
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Deadline<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>>,
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Default,
 {
-    type Response = Response<Body>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -55,7 +55,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let sleep = grpc_timeout(req.headers()).map(tokio::time::sleep);
         ResponseFuture {
             inner: self.inner.call(req),
@@ -74,11 +74,12 @@ pin_project! {
     }
 }
 
-impl<F, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<Body>, E>>,
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Default,
 {
-    type Output = Result<Response<Body>, E>;
+    type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -120,6 +121,7 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use std::convert::Infallible;
+    use tonic::body::Body;
     use tower::ServiceExt;
 
     fn headers(v: &str) -> HeaderMap {
