@@ -27,12 +27,19 @@ use super::{
 };
 use crate::bes::event::{EventKind, Prepared, StreamKey};
 
-/// Streams by (build_id, invocation_id, component) → [`StreamRecord`].
-const STREAMS: TableDefinition<(&str, &str, i32), &[u8]> = TableDefinition::new("bes_streams");
+/// Streams by (build_id, invocation_id, component, instance) → [`StreamRecord`].
+const STREAMS: TableDefinition<(&str, &str, i32, &str), &[u8]> =
+    TableDefinition::new("bes_streams_v2");
+/// Schema 1's streams table, keyed without the instance; its rows move to
+/// [`STREAMS`] when the file is opened.
+const STREAMS_V1: TableDefinition<(&str, &str, i32), &[u8]> = TableDefinition::new("bes_streams");
 /// Events by (stream number, sequence number) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("bes_events");
-/// Counters (`next_stream`).
+/// Counters (`next_stream`) and the schema version (`schema`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("bes_meta");
+
+/// The schema this code writes: 1 keyed streams without the instance, 2 adds it.
+const SCHEMA: u64 = 2;
 
 /// redb's page cache (its default, 1 GiB, is more than a gateway should hold).
 const CACHE_BYTES: usize = 64 << 20;
@@ -46,6 +53,7 @@ struct StreamRecord {
     /// The stream's number (the first half of its events' keys).
     #[prost(uint64, tag = "1")]
     id: u64,
+    /// The owner (schema 1; since schema 2 it is part of the key).
     #[prost(string, tag = "2")]
     instance: String,
     #[prost(int64, tag = "3")]
@@ -67,7 +75,6 @@ struct EventRecord {
 
 /// One publish request for the writer thread.
 struct Job {
-    instance: String,
     events: Vec<Prepared>,
     reply: oneshot::Sender<Result<Published, StoreError>>,
 }
@@ -166,13 +173,57 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
             Err(e) => return Err(internal(&format!("opening {}", path.display()), e)),
         }
     };
-    // Create the tables so read transactions always find them.
+    // Create the tables so read transactions always find them, and bring an
+    // older file to this schema, all in one transaction.
     let txn = db.begin_write().map_err(|e| internal("write", e))?;
     txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
     txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
-    txn.open_table(META).map_err(|e| internal("table", e))?;
+    let version = {
+        let mut meta = txn.open_table(META).map_err(|e| internal("table", e))?;
+        let v = meta
+            .get("schema")
+            .map_err(|e| internal("read", e))?
+            .map(|v| v.value());
+        // A file without a schema mark is schema 1 (or new: nothing to move).
+        let v = v.unwrap_or(1);
+        if v > SCHEMA {
+            return Err(StoreError::Internal(format!(
+                "{} has file store schema {v}; this gridgate knows up to {SCHEMA}",
+                path.display()
+            )));
+        }
+        meta.insert("schema", SCHEMA)
+            .map_err(|e| internal("write", e))?;
+        v
+    };
+    if version < 2 {
+        migrate_v1_streams(&txn)?;
+        tracing::info!(path = %path.display(), "build events: file store migrated to schema 2");
+    }
     txn.commit().map_err(|e| internal("commit", e))?;
     Ok(db)
+}
+
+/// Schema 1 → 2: streams keyed by their instance too (the owner recorded in
+/// each stream's record). Event keys (stream number, seq) do not change.
+fn migrate_v1_streams(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    {
+        let old = txn
+            .open_table(STREAMS_V1)
+            .map_err(|e| internal("table", e))?;
+        let mut new = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
+        for row in old.iter().map_err(|e| internal("read", e))? {
+            let (k, v) = row.map_err(|e| internal("read", e))?;
+            let (b, i, c) = k.value();
+            let r = StreamRecord::decode(v.value())
+                .map_err(|e| StoreError::Internal(format!("corrupt stream record: {e}")))?;
+            new.insert((b, i, c, r.instance.as_str()), v.value())
+                .map_err(|e| internal("write", e))?;
+        }
+    }
+    txn.delete_table(STREAMS_V1)
+        .map_err(|e| internal("table", e))?;
+    Ok(())
 }
 
 /// The writer thread: group commits until the queue closes.
@@ -226,7 +277,7 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
             };
             // One stream per job: read its record once, write it once.
             let k = &first.stream;
-            let key = (k.build_id.as_str(), k.invocation_id.as_str(), k.component);
+            let key = db_key(k);
             let record = match streams.get(key).map_err(|e| internal("read", e))? {
                 Some(v) => Some(StreamRecord::decode(v.value()).map_err(|e| {
                     StoreError::Internal(format!("corrupt stream record for {k}: {e}"))
@@ -235,7 +286,6 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
             };
             let mut state = record.as_ref().map(|r| StreamInfo {
                 key: k.clone(),
-                instance: r.instance.clone(),
                 last_seq: r.last_seq,
                 finished: r.finished,
             });
@@ -245,7 +295,7 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
                 if event.stream != *k {
                     break; // The service sends one stream per call.
                 }
-                let step = match check_event(&mut state, &job.instance, event) {
+                let step = match check_event(&mut state, event) {
                     Ok(s) => s,
                     Err(r) => {
                         out.rejection = Some(r);
@@ -288,7 +338,7 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
             if let (true, Some(info), Some(id)) = (changed, &state, id) {
                 let srec = StreamRecord {
                     id,
-                    instance: info.instance.clone(),
+                    instance: String::new(),
                     last_seq: info.last_seq,
                     finished: info.finished,
                 };
@@ -303,8 +353,18 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
     Ok(results)
 }
 
+/// A stream's key in [`STREAMS`].
+fn db_key(k: &StreamKey) -> (&str, &str, i32, &str) {
+    (
+        k.build_id.as_str(),
+        k.invocation_id.as_str(),
+        k.component,
+        k.instance.as_str(),
+    )
+}
+
 fn stream_info(
-    (b, i, c): (&str, &str, i32),
+    (b, i, c, instance): (&str, &str, i32, &str),
     value: &[u8],
 ) -> Result<(StreamInfo, u64), StoreError> {
     let r = StreamRecord::decode(value)
@@ -315,8 +375,8 @@ fn stream_info(
                 build_id: b.to_string(),
                 invocation_id: i.to_string(),
                 component: c,
+                instance: instance.to_string(),
             },
-            instance: r.instance,
             last_seq: r.last_seq,
             finished: r.finished,
         },
@@ -331,13 +391,11 @@ impl EventStore for FileStore {
 
     fn publish_events<'a>(
         &'a self,
-        instance: &'a str,
         events: &'a [Prepared],
     ) -> BoxFuture<'a, Result<Published, StoreError>> {
         async move {
             let (reply, answer) = oneshot::channel();
             let job = Job {
-                instance: instance.to_string(),
                 events: events.to_vec(),
                 reply,
             };
@@ -361,11 +419,7 @@ impl EventStore for FileStore {
         self.read(move |db| {
             let txn = db.begin_read().map_err(|e| internal("read", e))?;
             let streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
-            let k = (
-                key.build_id.as_str(),
-                key.invocation_id.as_str(),
-                key.component,
-            );
+            let k = db_key(&key);
             match streams.get(k).map_err(|e| internal("read", e))? {
                 Some(v) => Ok(Some(stream_info(k, v.value())?.0)),
                 None => Ok(None),
@@ -388,7 +442,7 @@ impl EventStore for FileStore {
             for row in streams.iter().map_err(|e| internal("read", e))? {
                 let (k, v) = row.map_err(|e| internal("read", e))?;
                 let (info, _) = stream_info(k.value(), v.value())?;
-                if instance.as_deref().is_none_or(|i| info.instance == i)
+                if instance.as_deref().is_none_or(|i| info.key.instance == i)
                     && pattern.is_match(&info.key.query_key())
                 {
                     out.push(info);
@@ -411,11 +465,7 @@ impl EventStore for FileStore {
             let txn = db.begin_read().map_err(|e| internal("read", e))?;
             let streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
             let events = txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
-            let k = (
-                key.build_id.as_str(),
-                key.invocation_id.as_str(),
-                key.component,
-            );
+            let k = db_key(&key);
             let Some(v) = streams.get(k).map_err(|e| internal("read", e))? else {
                 return Ok(Vec::new());
             };
@@ -457,5 +507,98 @@ impl EventStore for FileStore {
             duplicate_events: self.counters.duplicates.load(Ordering::Relaxed),
             ..StoreStats::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written by schema 1 (streams keyed without their instance)
+    /// opens with every stream and event where it was, now under its owner.
+    #[tokio::test]
+    async fn a_schema_1_file_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut streams = txn.open_table(STREAMS_V1).unwrap();
+                let mut events = txn.open_table(EVENTS).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                for (n, (build, owner)) in [("b1", "team-a"), ("b2", "team-b")].iter().enumerate() {
+                    let id = n as u64 + 1;
+                    let rec = StreamRecord {
+                        id,
+                        instance: owner.to_string(),
+                        last_seq: 2,
+                        finished: n == 0,
+                    };
+                    streams
+                        .insert((*build, "inv", 3), rec.encode_to_vec().as_slice())
+                        .unwrap();
+                    for seq in 1..=2 {
+                        let e = EventRecord {
+                            kind: EventKind::BazelEvent as i32,
+                            time_micros: Some(seq),
+                            body: Bytes::from(format!("{build} {seq}")),
+                        };
+                        events
+                            .insert((id, seq), e.encode_to_vec().as_slice())
+                            .unwrap();
+                    }
+                }
+                meta.insert("next_stream", 3).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = FileStore::open(&path).await.unwrap();
+        let key = |b: &str, i: &str| StreamKey {
+            build_id: b.into(),
+            invocation_id: "inv".into(),
+            component: 3,
+            instance: i.into(),
+        };
+        let a = store
+            .get_stream(&key("b1", "team-a"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.last_seq, a.finished), (2, true));
+        assert!(store
+            .get_stream(&key("b1", "team-b"))
+            .await
+            .unwrap()
+            .is_none());
+        let events = store
+            .query_events(&key("b2", "team-b"), &EventFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].body, Bytes::from("b2 2"));
+        let all = store
+            .get_matching_streams(&Regex::new("").unwrap(), None)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        // The stream counter carried over (and a second open changes
+        // nothing): a new stream gets a fresh number.
+        drop(store);
+        let store = FileStore::open(&path).await.unwrap();
+        let ev = crate::bes::event::Prepared {
+            stream: key("b3", "team-a"),
+            seq: 1,
+            kind: EventKind::BazelEvent,
+            time_micros: None,
+            body: Bytes::from_static(b"new"),
+        };
+        let p = store.publish_events(&[ev]).await.unwrap();
+        assert_eq!(p.outcomes, vec![Outcome::Stored]);
+        let old = store
+            .query_events(&key("b1", "team-a"), &EventFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(old.len(), 2, "the new stream did not take an old number");
     }
 }

@@ -67,7 +67,7 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish(&self, instance: &str, events: &[Prepared]) -> Published {
+    fn publish(&self, events: &[Prepared]) -> Published {
         let mut out = Published::default();
         let Some(first) = events.first() else {
             return out;
@@ -81,7 +81,7 @@ impl MemoryStore {
             if event.stream != *key {
                 break; // The service sends one stream per call.
             }
-            let step = match check_event(&mut state, instance, event) {
+            let step = match check_event(&mut state, event) {
                 Ok(step) => step,
                 Err(r) => {
                     out.rejection = Some(r);
@@ -101,7 +101,7 @@ impl MemoryStore {
             let cost = event.body.len() as u64
                 + EVENT_OVERHEAD
                 + if step == Step::Create {
-                    STREAM_OVERHEAD + key.build_id.len() as u64 * 2
+                    STREAM_OVERHEAD + (key.build_id.len() + key.instance.len()) as u64 * 2
                 } else {
                     0
                 };
@@ -145,7 +145,7 @@ impl Inner {
                 self.stats.evicted_streams += 1;
                 tracing::info!(
                     stream = %victim,
-                    instance = %s.info.instance,
+                    instance = %s.info.key.instance,
                     events = s.events.len(),
                     bytes = s.bytes,
                     finished = s.info.finished,
@@ -168,7 +168,6 @@ impl Inner {
                 self.streams.entry(key.clone()).or_insert(Stream {
                     info: StreamInfo {
                         key: key.clone(),
-                        instance: String::new(),
                         last_seq: 0,
                         finished: false,
                     },
@@ -218,10 +217,9 @@ impl EventStore for MemoryStore {
 
     fn publish_events<'a>(
         &'a self,
-        instance: &'a str,
         events: &'a [Prepared],
     ) -> BoxFuture<'a, Result<Published, StoreError>> {
-        let out = self.publish(instance, events);
+        let out = self.publish(events);
         async move { Ok(out) }.boxed()
     }
 
@@ -242,7 +240,7 @@ impl EventStore for MemoryStore {
             .lock()
             .streams
             .values()
-            .filter(|s| instance.is_none_or(|i| s.info.instance == i))
+            .filter(|s| instance.is_none_or(|i| s.info.key.instance == i))
             .filter(|s| pattern.is_match(&s.query_key))
             .map(|s| s.info.clone())
             .collect();

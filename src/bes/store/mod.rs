@@ -21,8 +21,9 @@
 //! - sequence numbers of a stream are consecutive from 1; an event at or below
 //!   the last stored number is a duplicate (never stored twice); one above the
 //!   next expected number is a [`Rejection::Gap`];
-//! - a stream belongs to the instance it was created under; events under
-//!   another instance are a [`Rejection::OtherInstance`];
+//! - a stream is keyed by its instance too ([`StreamKey::instance`]): two
+//!   instances publishing for the same build id write two separate streams,
+//!   and neither can tell from the answers that the other exists;
 //! - nothing follows a stream's final event ([`Rejection::Finished`]);
 //! - [`EventStore::publish_events`] returns only after the stored events are
 //!   durable (for the durable stores), so acknowledging them is safe.
@@ -31,7 +32,7 @@ pub mod file;
 pub mod memory;
 pub mod postgres;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 
@@ -57,8 +58,6 @@ pub enum Outcome {
 pub enum Rejection {
     /// The event skips sequence numbers: the stream expects `expected` next.
     Gap { expected: i64, got: i64 },
-    /// The stream belongs to another instance.
-    OtherInstance { owner: String },
     /// The stream has received its final event (number `last`) already.
     Finished { last: i64, got: i64 },
     /// The store is full and nothing can be evicted to make room.
@@ -90,10 +89,8 @@ pub enum StoreError {
 /// What a store knows about one stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamInfo {
-    /// The stream.
+    /// The stream (its instance included).
     pub key: StreamKey,
-    /// The instance that owns it.
-    pub instance: String,
     /// The highest stored sequence number.
     pub last_seq: i64,
     /// Whether its final event is stored.
@@ -164,14 +161,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// The backend's name for logs (`memory`, `file`, `postgres`).
     fn backend(&self) -> &'static str;
 
-    /// Stores `events` (all of one stream, in the order received) under
-    /// `instance`, creating the stream with its event number 1 (BuildGrid's
-    /// `new_stream` + `publish_event`). Stops at the first refused event;
-    /// the ones before it stay stored. Returns after the stored events are
-    /// durable.
+    /// Stores `events` (all of one stream, in the order received), creating
+    /// the stream with its event number 1 (BuildGrid's `new_stream` +
+    /// `publish_event`). Stops at the first refused event; the ones before
+    /// it stay stored. Returns after the stored events are durable.
     fn publish_events<'a>(
         &'a self,
-        instance: &'a str,
         events: &'a [Prepared],
     ) -> BoxFuture<'a, Result<Published, StoreError>>;
 
@@ -237,7 +232,6 @@ pub async fn open(config: &BuildEventsConfig) -> Result<Arc<dyn EventStore>, Sto
 /// updates `state` as if it was stored.
 pub(crate) fn check_event(
     state: &mut Option<StreamInfo>,
-    instance: &str,
     event: &Prepared,
 ) -> Result<Step, Rejection> {
     match state {
@@ -250,18 +244,12 @@ pub(crate) fn check_event(
             }
             *state = Some(StreamInfo {
                 key: event.stream.clone(),
-                instance: instance.to_string(),
                 last_seq: 1,
                 finished: event.kind.finishes_stream(),
             });
             Ok(Step::Create)
         }
         Some(s) => {
-            if s.instance != instance {
-                return Err(Rejection::OtherInstance {
-                    owner: s.instance.clone(),
-                });
-            }
             if event.seq <= s.last_seq {
                 return Ok(Step::Duplicate);
             }

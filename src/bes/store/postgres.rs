@@ -37,7 +37,8 @@ use crate::bes::event::{EventKind, Prepared, StreamKey};
 const POOL_SIZE: usize = 16;
 
 /// The schema, one entry per version; never edit an applied entry, add one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE bes_streams (
     id            BIGSERIAL PRIMARY KEY,
     build_id      TEXT NOT NULL,
@@ -58,7 +59,17 @@ CREATE TABLE bes_events (
     body          BYTEA NOT NULL,
     PRIMARY KEY (stream, seq)
 );
-"#];
+"#,
+    // Streams are keyed by their instance too, so two instances' streams of
+    // one build id never collide. Existing rows were unique without it, so
+    // they stay unique with it. `text_pattern_ops` lets build-id equality and
+    // prefix (`LIKE 'p%'`) lookups use the index whatever the collation.
+    r#"
+ALTER TABLE bes_streams DROP CONSTRAINT bes_streams_build_id_invocation_id_component_key;
+CREATE UNIQUE INDEX bes_streams_key
+    ON bes_streams (build_id text_pattern_ops, invocation_id, component, instance);
+"#,
+];
 
 /// The advisory lock key taken while migrating ("gridgate" in ASCII, folded).
 const MIGRATION_LOCK: i64 = 0x6772_6964_6761_7465;
@@ -152,7 +163,7 @@ impl PostgresStore {
         tx.commit().await.map_err(|e| pg_error("migrating", e))
     }
 
-    async fn publish(&self, instance: &str, events: &[Prepared]) -> Result<Published, StoreError> {
+    async fn publish(&self, events: &[Prepared]) -> Result<Published, StoreError> {
         let mut out = Published::default();
         let Some(first) = events.first() else {
             return Ok(out);
@@ -166,13 +177,18 @@ impl PostgresStore {
         // Statements are prepared once per connection (saves a round trip each).
         let lock = tx
             .prepare_cached(
-                "SELECT id, instance, last_seq, finished FROM bes_streams
-                 WHERE build_id = $1 AND invocation_id = $2 AND component = $3 FOR UPDATE",
+                "SELECT id, last_seq, finished FROM bes_streams
+                 WHERE build_id = $1 AND invocation_id = $2 AND component = $3 AND instance = $4
+                 FOR UPDATE",
             )
             .await
             .map_err(|e| pg_error("publish", e))?;
-        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&key.build_id, &key.invocation_id, &key.component];
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+            &key.build_id,
+            &key.invocation_id,
+            &key.component,
+            &key.instance,
+        ];
         let row = tx
             .query_opt(&lock, &args)
             .await
@@ -180,9 +196,8 @@ impl PostgresStore {
         let mut id: Option<i64> = row.as_ref().map(|r| r.get(0));
         let mut state = row.map(|r| StreamInfo {
             key: key.clone(),
-            instance: r.get(1),
-            last_seq: r.get(2),
-            finished: r.get(3),
+            last_seq: r.get(1),
+            finished: r.get(2),
         });
         let before = state.clone();
 
@@ -193,15 +208,15 @@ impl PostgresStore {
                 break; // The service sends one stream per call.
             }
             let step = loop {
-                match check_event(&mut state, instance, event) {
+                match check_event(&mut state, event) {
                     Ok(Step::Create) => {
                         let created = tx
                             .query_opt(
                                 "INSERT INTO bes_streams (build_id, invocation_id, component, instance)
                                  VALUES ($1, $2, $3, $4)
-                                 ON CONFLICT (build_id, invocation_id, component) DO NOTHING
+                                 ON CONFLICT (build_id, invocation_id, component, instance) DO NOTHING
                                  RETURNING id",
-                                &[&key.build_id, &key.invocation_id, &key.component, &instance],
+                                &args,
                             )
                             .await
                             .map_err(|e| pg_error("creating the stream", e))?;
@@ -218,9 +233,8 @@ impl PostgresStore {
                         id = Some(r.get(0));
                         state = Some(StreamInfo {
                             key: key.clone(),
-                            instance: r.get(1),
-                            last_seq: r.get(2),
-                            finished: r.get(3),
+                            last_seq: r.get(1),
+                            finished: r.get(2),
                         });
                     }
                     other => break other,
@@ -332,8 +346,8 @@ impl PostgresStore {
                     build_id: r.get(0),
                     invocation_id: r.get(1),
                     component: r.get(2),
+                    instance: r.get(3),
                 },
-                instance: r.get(3),
                 last_seq: r.get(4),
                 finished: r.get(5),
             })
@@ -347,17 +361,21 @@ impl PostgresStore {
         let client = self.pool.get().await.map_err(pool_error)?;
         let row = client
             .query_opt(
-                "SELECT instance, last_seq, finished FROM bes_streams
-                 WHERE build_id = $1 AND invocation_id = $2 AND component = $3",
-                &[&key.build_id, &key.invocation_id, &key.component],
+                "SELECT last_seq, finished FROM bes_streams
+                 WHERE build_id = $1 AND invocation_id = $2 AND component = $3 AND instance = $4",
+                &[
+                    &key.build_id,
+                    &key.invocation_id,
+                    &key.component,
+                    &key.instance,
+                ],
             )
             .await
             .map_err(|e| pg_error("reading a stream", e))?;
         Ok(row.map(|r| StreamInfo {
             key: key.clone(),
-            instance: r.get(0),
-            last_seq: r.get(1),
-            finished: r.get(2),
+            last_seq: r.get(0),
+            finished: r.get(1),
         }))
     }
 
@@ -374,6 +392,7 @@ impl PostgresStore {
                 "SELECT e.seq, e.kind, e.event_time_us, e.body
                  FROM bes_events e JOIN bes_streams s ON s.id = e.stream
                  WHERE s.build_id = $1 AND s.invocation_id = $2 AND s.component = $3
+                   AND s.instance = $9
                    AND e.seq >= $4 AND e.seq <= $5
                    AND ($6::SMALLINT[] IS NULL OR e.kind = ANY($6))
                    AND ($7::BIGINT IS NULL OR e.event_time_us >= $7)
@@ -388,6 +407,7 @@ impl PostgresStore {
                     &kinds,
                     &filter.since_micros,
                     &filter.until_micros,
+                    &key.instance,
                 ],
             )
             .await
@@ -422,13 +442,16 @@ impl PostgresStore {
         let builds: Vec<&str> = keys.iter().map(|k| k.build_id.as_str()).collect();
         let invs: Vec<&str> = keys.iter().map(|k| k.invocation_id.as_str()).collect();
         let comps: Vec<i32> = keys.iter().map(|k| k.component).collect();
+        let insts: Vec<&str> = keys.iter().map(|k| k.instance.as_str()).collect();
         let kinds: Option<Vec<i16>> =
             (!filter.kinds.is_empty()).then(|| filter.kinds.iter().map(|k| *k as i16).collect());
         let rows = client
             .query(
                 "SELECT k.i, e.seq, e.kind, e.event_time_us, e.body
-                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[]) WITH ORDINALITY AS k(b, inv, c, i)
-                 JOIN bes_streams s ON s.build_id = k.b AND s.invocation_id = k.inv AND s.component = k.c
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[], $9::TEXT[])
+                      WITH ORDINALITY AS k(b, inv, c, inst, i)
+                 JOIN bes_streams s ON s.build_id = k.b AND s.invocation_id = k.inv
+                      AND s.component = k.c AND s.instance = k.inst
                  JOIN bes_events e ON e.stream = s.id
                  WHERE e.seq >= $4 AND e.seq <= $5
                    AND ($6::SMALLINT[] IS NULL OR e.kind = ANY($6))
@@ -444,6 +467,7 @@ impl PostgresStore {
                     &kinds,
                     &filter.since_micros,
                     &filter.until_micros,
+                    &insts,
                 ],
             )
             .await
@@ -475,10 +499,9 @@ impl EventStore for PostgresStore {
 
     fn publish_events<'a>(
         &'a self,
-        instance: &'a str,
         events: &'a [Prepared],
     ) -> BoxFuture<'a, Result<Published, StoreError>> {
-        self.publish(instance, events).boxed()
+        self.publish(events).boxed()
     }
 
     fn get_stream<'a>(
@@ -518,5 +541,69 @@ impl EventStore for PostgresStore {
             duplicate_events: self.duplicates.load(Ordering::Relaxed),
             ..StoreStats::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bes::store::tests::postgres_schema;
+
+    /// A database at schema 1 (streams keyed without their instance) keeps
+    /// its streams and events through the migration, each under its owner,
+    /// and another instance can then use the same build id.
+    #[tokio::test]
+    async fn a_schema_1_database_is_migrated() {
+        let Some((url, _schema)) = postgres_schema("migrate1").await else {
+            return;
+        };
+        let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE bes_migrations (version INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+                 {}
+                 INSERT INTO bes_migrations (version) VALUES (1);
+                 INSERT INTO bes_streams (build_id, invocation_id, component, instance, last_seq, finished)
+                     VALUES ('b1', 'inv', 3, 'team-a', 2, TRUE);
+                 INSERT INTO bes_events (stream, seq, kind, event_time_us, body)
+                     SELECT id, s, 60, s, ('old ' || s)::BYTEA FROM bes_streams, generate_series(1, 2) s;",
+                MIGRATIONS[0]
+            ))
+            .await
+            .unwrap();
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let key = |i: &str| StreamKey {
+            build_id: "b1".into(),
+            invocation_id: "inv".into(),
+            component: 3,
+            instance: i.into(),
+        };
+        let a = store.get_stream(&key("team-a")).await.unwrap().unwrap();
+        assert_eq!((a.last_seq, a.finished), (2, true));
+        let events = store
+            .query_events(&key("team-a"), &EventFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(events[1].body.as_ref(), b"old 2");
+        assert!(store.get_stream(&key("team-b")).await.unwrap().is_none());
+        let p = store
+            .publish_events(&[Prepared {
+                stream: key("team-b"),
+                seq: 1,
+                kind: EventKind::BazelEvent,
+                time_micros: None,
+                body: bytes::Bytes::from_static(b"new"),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(p.outcomes, vec![Outcome::Stored]);
+        let versions: i64 = client
+            .query_one("SELECT COUNT(*) FROM bes_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(versions as usize, MIGRATIONS.len());
     }
 }

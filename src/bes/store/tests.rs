@@ -16,11 +16,17 @@ use crate::proto::google::devtools::build::v1::{
     build_event, BuildEvent, OrderedBuildEvent, StreamId,
 };
 
+/// A stream of team-a.
 fn key(build: &str, inv: &str, component: i32) -> StreamKey {
+    key_of("team-a", build, inv, component)
+}
+
+fn key_of(instance: &str, build: &str, inv: &str, component: i32) -> StreamKey {
     StreamKey {
         build_id: build.into(),
         invocation_id: inv.into(),
         component,
+        instance: instance.into(),
     }
 }
 
@@ -53,6 +59,7 @@ fn ev(k: &StreamKey, seq: i64, last: bool) -> Prepared {
                 event: Some(event),
             }),
         },
+        &k.instance,
         1 << 20,
     )
     .unwrap()
@@ -87,20 +94,14 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
 
     // A stream is created by its event 1 and grows by consecutive numbers.
     let k = key(&b("life"), "inv", 3);
-    let p = store
-        .publish_events("team-a", &evs(&k, 1..=3, 0))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 1..=3, 0)).await.unwrap();
     assert_eq!(p.outcomes, stored(3), "{name}");
     assert_eq!(p.rejection, None);
-    let p = store
-        .publish_events("team-a", &evs(&k, 4..=6, 6))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 4..=6, 6)).await.unwrap();
     assert_eq!(p.outcomes, stored(3), "{name}");
     let info = store.get_stream(&k).await.unwrap().unwrap();
     assert_eq!(
-        (info.instance.as_str(), info.last_seq, info.finished),
+        (info.key.instance.as_str(), info.last_seq, info.finished),
         ("team-a", 6, true),
         "{name}"
     );
@@ -168,10 +169,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     );
 
     // Nothing follows a final event.
-    let p = store
-        .publish_events("team-a", &[ev(&k, 7, false)])
-        .await
-        .unwrap();
+    let p = store.publish_events(&[ev(&k, 7, false)]).await.unwrap();
     assert_eq!(
         p.rejection,
         Some(Rejection::Finished { last: 6, got: 7 }),
@@ -181,29 +179,17 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     // Retransmissions are acknowledged, never stored twice; a different
     // event at a stored number is reported as not identical.
     let k = key(&b("dup"), "inv", 3);
-    store
-        .publish_events("team-a", &evs(&k, 1..=3, 0))
-        .await
-        .unwrap();
-    let p = store
-        .publish_events("team-a", &evs(&k, 1..=3, 0))
-        .await
-        .unwrap();
+    store.publish_events(&evs(&k, 1..=3, 0)).await.unwrap();
+    let p = store.publish_events(&evs(&k, 1..=3, 0)).await.unwrap();
     assert_eq!(p.outcomes, vec![DUP; 3], "{name}");
-    let p = store
-        .publish_events("team-a", &[ev(&k, 1, true)])
-        .await
-        .unwrap();
+    let p = store.publish_events(&[ev(&k, 1, true)]).await.unwrap();
     assert_eq!(
         p.outcomes,
         vec![Outcome::Duplicate { identical: false }],
         "{name}"
     );
     // A continuation stream starting at an already stored number.
-    let p = store
-        .publish_events("team-a", &evs(&k, 2..=5, 0))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 2..=5, 0)).await.unwrap();
     assert_eq!(
         p.outcomes,
         vec![DUP, DUP, Outcome::Stored, Outcome::Stored],
@@ -214,10 +200,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     // Gaps: a new stream must start at 1; a batch stops at its first gap and
     // keeps what came before it.
     let k = key(&b("gap"), "inv", 3);
-    let p = store
-        .publish_events("team-a", &evs(&k, 2..=3, 0))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 2..=3, 0)).await.unwrap();
     assert_eq!(p.outcomes, vec![], "{name}");
     assert_eq!(
         p.rejection,
@@ -233,7 +216,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
         ev(&k, 4, false),
         ev(&k, 5, false),
     ];
-    let p = store.publish_events("team-a", &batch).await.unwrap();
+    let p = store.publish_events(&batch).await.unwrap();
     assert_eq!(p.outcomes, stored(2), "{name}");
     assert_eq!(
         p.rejection,
@@ -245,44 +228,83 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     );
     assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
 
-    // A stream belongs to the instance that created it.
+    // Streams are keyed by instance: team-b's events for team-a's build id
+    // go to team-b's own stream, which starts at 1 like any other; neither
+    // stream sees the other's events or learns that it exists.
+    let kb_gap = key_of("team-b", &b("gap"), "inv", 3);
     let p = store
-        .publish_events("team-b", &[ev(&k, 3, false)])
+        .publish_events(&[ev(&kb_gap, 3, false)])
         .await
         .unwrap();
     assert_eq!(
         p.rejection,
-        Some(Rejection::OtherInstance {
-            owner: "team-a".into()
+        Some(Rejection::Gap {
+            expected: 1,
+            got: 3
         }),
-        "{name}"
+        "{name}: the same answer as for a build id never seen"
     );
-    let p = store
-        .publish_events("team-b", &[ev(&k, 1, false)])
+    let p = store.publish_events(&[ev(&kb_gap, 1, true)]).await.unwrap();
+    assert_eq!(p.outcomes, stored(1), "{name}");
+    assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
+    assert_eq!(seqs(store, &kb_gap).await, vec![1], "{name}");
+    let mine = store
+        .query_events(&kb_gap, &EventFilter::default())
         .await
         .unwrap();
-    assert!(
-        matches!(p.rejection, Some(Rejection::OtherInstance { .. })),
-        "{name}: even a retransmission"
+    assert_eq!(mine[0].kind, EventKind::ComponentStreamFinished, "{name}");
+    // Squatting: team-b enqueues a build id first, then team-a publishes
+    // its whole lifecycle for it; each sees only its own.
+    let squat_b = key_of("team-b", &b("squat"), "", 1);
+    let squat_a = key(&b("squat"), "", 1);
+    let p = store
+        .publish_events(&evs(&squat_b, 1..=1, 0))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, stored(1), "{name}");
+    let p = store
+        .publish_events(&evs(&squat_a, 1..=2, 2))
+        .await
+        .unwrap();
+    assert_eq!((p.outcomes, p.rejection), (stored(2), None), "{name}");
+    assert_eq!(seqs(store, &squat_a).await, vec![1, 2], "{name}");
+    assert_eq!(seqs(store, &squat_b).await, vec![1], "{name}");
+    assert!(store.get_stream(&squat_a).await.unwrap().unwrap().finished);
+    assert!(!store.get_stream(&squat_b).await.unwrap().unwrap().finished);
+    let re = &Regex::new(&format!("^{}", regex::escape(&b("squat")))).unwrap();
+    let of = |i| async move {
+        store
+            .get_matching_streams(re, i)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.key)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(Some("team-a")).await, vec![squat_a.clone()], "{name}");
+    assert_eq!(of(Some("team-b")).await, vec![squat_b.clone()], "{name}");
+    assert_eq!(
+        of(None).await,
+        vec![squat_a.clone(), squat_b.clone()],
+        "{name}"
     );
-    assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
+    let both = store
+        .query_events_many(&[squat_b.clone(), squat_a.clone()], &EventFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        both.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![1, 2],
+        "{name}"
+    );
 
     // Matching streams: the pattern searches `build.component.invocation`.
     let kb = key(&b("match"), "", 1);
-    let ki = key(&b("match"), "inv-1", 1);
+    let ki = key_of("team-b", &b("match"), "inv-1", 1);
     let kt = key(&b("match"), "inv-1", 3);
-    store
-        .publish_events("team-a", &evs(&kb, 1..=1, 0))
-        .await
-        .unwrap();
-    store
-        .publish_events("team-b", &evs(&ki, 1..=1, 0))
-        .await
-        .unwrap();
-    store
-        .publish_events("team-a", &evs(&kt, 1..=2, 2))
-        .await
-        .unwrap();
+    store.publish_events(&evs(&kb, 1..=1, 0)).await.unwrap();
+    store.publish_events(&evs(&ki, 1..=1, 0)).await.unwrap();
+    store.publish_events(&evs(&kt, 1..=2, 2)).await.unwrap();
     let re = |p: &str| Regex::new(p).unwrap();
     let found = |p: &'static str, i: Option<&'static str>| {
         let re = re(p);
@@ -338,7 +360,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
             .collect();
         tasks.push(async move {
             for batch in &batches {
-                let p = store.publish_events("team-a", batch).await.unwrap();
+                let p = store.publish_events(batch).await.unwrap();
                 assert_eq!(p.outcomes, stored(10));
             }
             k
@@ -362,10 +384,7 @@ pub(crate) async fn racing_publishers(a: Arc<dyn EventStore>, b: Arc<dyn EventSt
         let mut next = 0;
         while next < events.len() {
             let end = (next + 7).min(events.len());
-            let p = store
-                .publish_events("team-a", &events[next..end])
-                .await
-                .unwrap();
+            let p = store.publish_events(&events[next..end]).await.unwrap();
             assert_eq!(p.rejection, None);
             next = end;
         }
@@ -389,13 +408,13 @@ async fn memory_store_evicts_oldest_finished_streams_first() {
     // Three finished streams, then one still running.
     for i in 0..3 {
         store
-            .publish_events("a", &evs(&done(i), 1..=3, 3))
+            .publish_events(&evs(&done(i), 1..=3, 3))
             .await
             .unwrap();
     }
     let running = key("running", "inv", 3);
     store
-        .publish_events("a", &evs(&running, 1..=2, 0))
+        .publish_events(&evs(&running, 1..=2, 0))
         .await
         .unwrap();
     assert_eq!(store.stats().evicted_streams, 0);
@@ -403,10 +422,7 @@ async fn memory_store_evicts_oldest_finished_streams_first() {
     let big = key("big", "inv", 3);
     let mut seq = 1;
     while store.stats().evicted_streams < 2 {
-        let p = store
-            .publish_events("a", &[ev(&big, seq, false)])
-            .await
-            .unwrap();
+        let p = store.publish_events(&[ev(&big, seq, false)]).await.unwrap();
         assert_eq!(p.outcomes, stored(1));
         seq += 1;
     }
@@ -421,20 +437,17 @@ async fn memory_store_evicts_oldest_finished_streams_first() {
     let huge = key("huge", "inv", 3);
     let mut e = ev(&huge, 1, false);
     e.body = vec![0u8; 9000].into();
-    let p = store.publish_events("a", &[e]).await.unwrap();
+    let p = store.publish_events(&[e]).await.unwrap();
     assert_eq!(p.rejection, Some(Rejection::Full { budget: 8 * 1024 }));
     // Refused in the middle of a batch: what came before stays, consistently.
     let mut batch = evs(&huge, 1..=3, 0);
     batch[1].body = vec![0u8; 9000].into();
-    let p = store.publish_events("a", &batch).await.unwrap();
+    let p = store.publish_events(&batch).await.unwrap();
     assert_eq!(p.outcomes, stored(1));
     assert_eq!(p.rejection, Some(Rejection::Full { budget: 8 * 1024 }));
     let info = store.get_stream(&huge).await.unwrap().unwrap();
-    assert_eq!((info.instance.as_str(), info.last_seq), ("a", 1));
-    let p = store
-        .publish_events("a", &evs(&huge, 2..=3, 3))
-        .await
-        .unwrap();
+    assert_eq!((info.key.instance.as_str(), info.last_seq), ("team-a", 1));
+    let p = store.publish_events(&evs(&huge, 2..=3, 3)).await.unwrap();
     assert_eq!(p.outcomes, stored(2));
     assert!(store.get_stream(&huge).await.unwrap().unwrap().finished);
 }
@@ -452,7 +465,7 @@ async fn file_store_conformance() {
     let store = file::FileStore::open(&path).await.unwrap();
     assert_eq!(seqs(&store, &k).await, vec![1, 2, 3, 4, 5, 6]);
     let p = store
-        .publish_events("team-a", &evs(&key("after", "i", 3), 1..=2, 0))
+        .publish_events(&evs(&key("after", "i", 3), 1..=2, 0))
         .await
         .unwrap();
     assert_eq!(p.outcomes, stored(2));
