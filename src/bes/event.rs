@@ -2,8 +2,12 @@
 //! to ([`StreamKey`]), what kind it is ([`EventKind`]), and the checks every
 //! published event passes before it reaches a store ([`Prepared`]).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use prost::Message;
+
+use super::invocation::{Fact, Publisher};
 
 use crate::proto::google::devtools::build::v1::{
     build_event, stream_id::BuildComponent, OrderedBuildEvent, StreamId,
@@ -197,6 +201,18 @@ pub struct Prepared {
     pub time_micros: Option<i64>,
     /// The encoded `OrderedBuildEvent`, with credentials redacted.
     pub body: Bytes,
+    /// What it tells about its invocation ([`Fact::Nothing`] until decoded
+    /// with [`Prepared::decode`]).
+    pub fact: Fact,
+    /// Who published it, when known.
+    pub publisher: Option<Arc<Publisher>>,
+}
+
+impl Prepared {
+    /// Decodes the stored bytes into the event's [`Fact`] (once, at ingest).
+    pub fn decode(&mut self) {
+        self.fact = super::invocation::decode(self.kind, &self.body);
+    }
 }
 
 /// Why an event was refused before reaching the store (all INVALID_ARGUMENT).
@@ -301,6 +317,8 @@ pub fn prepare(
         kind,
         time_micros,
         body: Bytes::from(body),
+        fact: Fact::Nothing,
+        publisher: None,
     })
 }
 

@@ -21,6 +21,7 @@
 
 pub mod cli;
 pub mod event;
+pub mod invocation;
 pub mod publish;
 pub mod query;
 pub mod redact;

@@ -592,6 +592,8 @@ mod tests {
             kind: EventKind::BazelEvent,
             time_micros: None,
             body: Bytes::from_static(b"new"),
+            fact: crate::bes::invocation::Fact::Nothing,
+            publisher: None,
         };
         let p = store.publish_events(&[ev]).await.unwrap();
         assert_eq!(p.outcomes, vec![Outcome::Stored]);

@@ -595,6 +595,8 @@ mod tests {
                 kind: EventKind::BazelEvent,
                 time_micros: None,
                 body: bytes::Bytes::from_static(b"new"),
+                fact: crate::bes::invocation::Fact::Nothing,
+                publisher: None,
             }])
             .await
             .unwrap();
