@@ -58,6 +58,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::event::{prepare, EventError, EventKind, Prepared, StreamKey};
+use super::invocation::Publisher;
 use super::store::{EventStore, Outcome, Published, Rejection, StoreError};
 use crate::proto::google::devtools::build::v1::{
     publish_build_event_server::PublishBuildEvent, stream_id::BuildComponent,
@@ -91,6 +92,44 @@ impl PublishService {
             read_ahead: Arc::new(Semaphore::new(READ_AHEAD_TOTAL_BYTES)),
         }
     }
+}
+
+/// Longest publisher identity kept on an invocation.
+const MAX_PUBLISHER_BYTES: usize = 256;
+
+/// Who is publishing, from the Gate's admission (none without a Gate).
+fn publisher<T>(request: &Request<T>) -> Arc<Publisher> {
+    let identity = request
+        .extensions()
+        .get::<crate::gate::Admission>()
+        .and_then(|a| {
+            a.identity
+                .actor
+                .clone()
+                .or_else(|| a.identity.subject.clone())
+        })
+        .unwrap_or_default();
+    let mut identity = identity;
+    if identity.len() > MAX_PUBLISHER_BYTES {
+        let mut end = MAX_PUBLISHER_BYTES;
+        while !identity.is_char_boundary(end) {
+            end -= 1;
+        }
+        identity.truncate(end);
+    }
+    Arc::new(Publisher {
+        identity,
+        keywords: Vec::new(),
+    })
+}
+
+/// The keywords kept from a request (bounded in number and length).
+fn keywords(list: &[String]) -> Vec<String> {
+    list.iter()
+        .filter(|k| k.len() <= 1024)
+        .take(100)
+        .cloned()
+        .collect()
 }
 
 fn invalid(e: EventError) -> Status {
@@ -177,11 +216,15 @@ impl PublishBuildEvent for PublishService {
         &self,
         request: Request<PublishLifecycleEventRequest>,
     ) -> Result<Response<()>, Status> {
+        let who = publisher(&request);
         let req = request.into_inner();
         let event = req
             .build_event
             .ok_or_else(|| invalid(EventError::MissingEvent))?;
-        let prepared = prepare(&event, &req.project_id, self.max_event_bytes).map_err(invalid)?;
+        let mut prepared =
+            prepare(&event, &req.project_id, self.max_event_bytes).map_err(invalid)?;
+        prepared.decode();
+        prepared.publisher = Some(who);
         check_lifecycle(&prepared)?;
         if req.check_preceding_lifecycle_events_present
             && prepared.kind == EventKind::InvocationAttemptStarted
@@ -222,6 +265,7 @@ impl PublishBuildEvent for PublishService {
         &self,
         request: Request<Streaming<PublishBuildToolEventStreamRequest>>,
     ) -> Result<Response<Self::PublishBuildToolEventStreamStream>, Status> {
+        let who = publisher(&request);
         let inbound = request.into_inner();
         let (acks, rx) = mpsc::channel(MAX_BATCH);
         let store = self.store.clone();
@@ -233,6 +277,7 @@ impl PublishBuildEvent for PublishService {
                 store,
                 max_event_bytes,
                 acks,
+                publisher: who,
                 first: None,
                 check_preceding: false,
                 acked: false,
@@ -280,6 +325,8 @@ struct ToolStream {
     store: Arc<dyn EventStore>,
     max_event_bytes: usize,
     acks: mpsc::Sender<Result<PublishBuildToolEventStreamResponse, Status>>,
+    /// Who publishes (with the first message's keywords once it arrived).
+    publisher: Arc<Publisher>,
     /// The stream of the first message (its `project_id` the stream's instance).
     first: Option<StreamKey>,
     /// The first message asked for `check_preceding_lifecycle_events_present`
@@ -415,7 +462,7 @@ impl ToolStream {
         let event = m
             .ordered_build_event
             .ok_or_else(|| invalid(EventError::MissingEvent))?;
-        let p = prepare(&event, &m.project_id, self.max_event_bytes).map_err(invalid)?;
+        let mut p = prepare(&event, &m.project_id, self.max_event_bytes).map_err(invalid)?;
         match &self.first {
             None => {
                 if p.stream.component == BuildComponent::Controller as i32 {
@@ -426,6 +473,13 @@ impl ToolStream {
                 }
                 self.first = Some(p.stream.clone());
                 self.check_preceding = m.check_preceding_lifecycle_events_present;
+                // Bazel sends its keywords (`--bes_keywords`, `command_name=`)
+                // with the stream's first message.
+                if !m.notification_keywords.is_empty() {
+                    let mut who = (*self.publisher).clone();
+                    who.keywords = keywords(&m.notification_keywords);
+                    self.publisher = Arc::new(who);
+                }
             }
             Some(stream) => {
                 if stream.instance != m.project_id {
@@ -449,6 +503,8 @@ impl ToolStream {
                 p.kind.name()
             )));
         }
+        p.decode();
+        p.publisher = Some(self.publisher.clone());
         Ok(p)
     }
 

@@ -45,20 +45,29 @@ fn stream() -> StreamKey {
 
 /// The events Bazel would publish for these payloads, decoded.
 pub(crate) fn tool_stream(payloads: &[Bytes]) -> Vec<Prepared> {
+    tool_stream_of(&stream(), payloads, 1_700_000_000)
+}
+
+/// The same on the stream `key`, event times from `epoch_seconds` on.
+pub(crate) fn tool_stream_of(
+    key: &StreamKey,
+    payloads: &[Bytes],
+    epoch_seconds: i64,
+) -> Vec<Prepared> {
     payloads
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let e = OrderedBuildEvent {
                 stream_id: Some(StreamId {
-                    build_id: "build".into(),
-                    invocation_id: "inv".into(),
-                    component: 3,
+                    build_id: key.build_id.clone(),
+                    invocation_id: key.invocation_id.clone(),
+                    component: key.component,
                 }),
                 sequence_number: i as i64 + 1,
                 event: Some(BuildEvent {
                     event_time: Some(prost_types::Timestamp {
-                        seconds: 1_700_000_000 + i as i64,
+                        seconds: epoch_seconds + i as i64,
                         nanos: 0,
                     }),
                     event: Some(build_event::Event::BazelEvent(prost_types::Any {
@@ -67,7 +76,7 @@ pub(crate) fn tool_stream(payloads: &[Bytes]) -> Vec<Prepared> {
                     })),
                 }),
             };
-            let mut p = prepare(&e, "team-a", 64 << 20).unwrap();
+            let mut p = prepare(&e, &key.instance, 64 << 20).unwrap();
             p.decode();
             p
         })
@@ -76,7 +85,10 @@ pub(crate) fn tool_stream(payloads: &[Bytes]) -> Vec<Prepared> {
 
 /// Applies events in batches of `batch`, carrying the state between them as
 /// a store does; returns the invocation and every target.
-fn build(events: &[Prepared], batch: usize) -> (gg::Invocation, BTreeMap<String, gg::Target>) {
+pub(crate) fn build(
+    events: &[Prepared],
+    batch: usize,
+) -> (gg::Invocation, BTreeMap<String, gg::Target>) {
     let mut inv: Option<gg::Invocation> = None;
     let mut targets: BTreeMap<String, gg::Target> = BTreeMap::new();
     let mut log = Vec::new();
@@ -90,7 +102,7 @@ fn build(events: &[Prepared], batch: usize) -> (gg::Invocation, BTreeMap<String,
             targets: changed,
             log: new_log,
             ..
-        } = apply(&stream(), inv.take(), wanted, chunk).unwrap();
+        } = apply(&chunk[0].stream, inv.take(), wanted, chunk).unwrap();
         for (offset, text) in new_log {
             assert_eq!(offset as usize, log.len(), "log offsets are contiguous");
             log.extend_from_slice(&text);
@@ -322,7 +334,10 @@ fn failing_genrule(dir: &str) {
     let json = Json::read(&format!("{dir}/build.json"));
     let (_, action) = json.payloads("action").next().unwrap();
     assert_eq!(a.mnemonic, action["type"].as_str().unwrap());
-    assert_eq!(i64::from(a.exit_code), action["exitCode"].as_i64().unwrap_or(0));
+    assert_eq!(
+        i64::from(a.exit_code),
+        action["exitCode"].as_i64().unwrap_or(0)
+    );
     assert_eq!(a.stderr_uri, action["stderr"]["uri"].as_str().unwrap());
     assert!(targets["//:fine"].success);
     assert_eq!(inv.counts.unwrap().targets_failed, 1);

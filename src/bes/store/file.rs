@@ -22,10 +22,12 @@ use regex::Regex;
 use tokio::sync::oneshot;
 
 use super::{
-    check_event, EventFilter, EventStore, Outcome, Published, Step, StoreError, StoreStats,
-    StoredEvent, StreamInfo,
+    check_event, Cursor, EventFilter, EventStore, InvocationQuery, Outcome, Published, Step,
+    StoreError, StoreStats, StoredEvent, StreamInfo,
 };
 use crate::bes::event::{EventKind, Prepared, StreamKey};
+use crate::bes::invocation::{model, InvocationKey};
+use crate::proto::gridgate::v1 as gg;
 
 /// Streams by (build_id, invocation_id, component, instance) → [`StreamRecord`].
 const STREAMS: TableDefinition<(&str, &str, i32, &str), &[u8]> =
@@ -38,8 +40,21 @@ const EVENTS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("bes_eve
 /// Counters (`next_stream`) and the schema version (`schema`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("bes_meta");
 
-/// The schema this code writes: 1 keyed streams without the instance, 2 adds it.
-const SCHEMA: u64 = 2;
+/// Invocations by (instance, invocation id) → encoded `gridgate.v1.Invocation`.
+const INVOCATIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("bes_invocations");
+/// The listing order, newest last: (start ms, instance, invocation id).
+const LISTING: TableDefinition<(i64, &str, &str), ()> = TableDefinition::new("bes_inv_listing");
+/// The same per instance: (instance, start ms, invocation id).
+const LISTING_BY_INSTANCE: TableDefinition<(&str, i64, &str), ()> =
+    TableDefinition::new("bes_inv_listing_by_instance");
+/// Targets by (instance, invocation id, label) → encoded `gridgate.v1.Target`.
+const TARGETS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("bes_targets");
+/// Console output by (instance, invocation id, byte offset) → text.
+const LOGS: TableDefinition<(&str, &str, i64), &[u8]> = TableDefinition::new("bes_logs");
+
+/// The schema this code writes: 1 keyed streams without the instance, 2 adds
+/// it, 3 adds invocations.
+const SCHEMA: u64 = 3;
 
 /// redb's page cache (its default, 1 GiB, is more than a gateway should hold).
 const CACHE_BYTES: usize = 64 << 20;
@@ -200,8 +215,151 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
         migrate_v1_streams(&txn)?;
         tracing::info!(path = %path.display(), "build events: file store migrated to schema 2");
     }
+    InvocationTables::open(&txn)?;
+    if version < 3 {
+        let n = backfill_invocations(&txn)?;
+        tracing::info!(path = %path.display(), invocations = n, "build events: file store migrated to schema 3 (invocations indexed)");
+    }
     txn.commit().map_err(|e| internal("commit", e))?;
     Ok(db)
+}
+
+/// The tables an invocation lives in, open in one write transaction.
+struct InvocationTables<'t> {
+    invocations: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    listing: redb::Table<'t, (i64, &'static str, &'static str), ()>,
+    by_instance: redb::Table<'t, (&'static str, i64, &'static str), ()>,
+    targets: redb::Table<'t, (&'static str, &'static str, &'static str), &'static [u8]>,
+    logs: redb::Table<'t, (&'static str, &'static str, i64), &'static [u8]>,
+}
+
+fn corrupt(what: &str, e: prost::DecodeError) -> StoreError {
+    StoreError::Internal(format!("corrupt {what} record: {e}"))
+}
+
+impl<'t> InvocationTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        let t = |e| internal("table", e);
+        Ok(InvocationTables {
+            invocations: txn.open_table(INVOCATIONS).map_err(t)?,
+            listing: txn.open_table(LISTING).map_err(t)?,
+            by_instance: txn.open_table(LISTING_BY_INSTANCE).map_err(t)?,
+            targets: txn.open_table(TARGETS).map_err(t)?,
+            logs: txn.open_table(LOGS).map_err(t)?,
+        })
+    }
+
+    /// Applies newly stored events of `stream` to the invocation they feed.
+    fn update(&mut self, stream: &StreamKey, stored: &[&Prepared]) -> Result<(), StoreError> {
+        let Some(key) = InvocationKey::of(stream) else {
+            return Ok(());
+        };
+        let (i, id) = (key.instance.as_str(), key.invocation_id.as_str());
+        let summary = match self
+            .invocations
+            .get((i, id))
+            .map_err(|e| internal("read", e))?
+        {
+            Some(v) => {
+                Some(gg::Invocation::decode(v.value()).map_err(|e| corrupt("invocation", e))?)
+            }
+            None => None,
+        };
+        let mut touched = std::collections::HashMap::new();
+        for label in model::labels(stored.iter().copied()) {
+            if let Some(v) = self
+                .targets
+                .get((i, id, label.as_str()))
+                .map_err(|e| internal("read", e))?
+            {
+                let t = gg::Target::decode(v.value()).map_err(|e| corrupt("target", e))?;
+                touched.insert(label, t);
+            }
+        }
+        let Some(update) = model::apply(stream, summary, touched, stored.iter().copied()) else {
+            return Ok(());
+        };
+        if let Some(start) = update.previous_start {
+            self.listing
+                .remove((start, i, id))
+                .map_err(|e| internal("write", e))?;
+            self.by_instance
+                .remove((i, start, id))
+                .map_err(|e| internal("write", e))?;
+        }
+        let start = update.invocation.start_time_millis;
+        self.listing
+            .insert((start, i, id), ())
+            .map_err(|e| internal("write", e))?;
+        self.by_instance
+            .insert((i, start, id), ())
+            .map_err(|e| internal("write", e))?;
+        self.invocations
+            .insert((i, id), update.invocation.encode_to_vec().as_slice())
+            .map_err(|e| internal("write", e))?;
+        for t in &update.targets {
+            self.targets
+                .insert((i, id, t.label.as_str()), t.encode_to_vec().as_slice())
+                .map_err(|e| internal("write", e))?;
+        }
+        for (offset, text) in &update.log {
+            self.logs
+                .insert((i, id, *offset), text.as_ref())
+                .map_err(|e| internal("write", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Schema 2 → 3: builds the invocations of the events already stored, stream
+/// by stream, as ingest would have. Returns the number of streams read.
+fn backfill_invocations(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    let streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
+    let events = txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
+    let mut tables = InvocationTables::open(txn)?;
+    let mut n = 0;
+    for row in streams.iter().map_err(|e| internal("read", e))? {
+        let (k, v) = row.map_err(|e| internal("read", e))?;
+        let (info, id) = stream_info(k.value(), v.value())?;
+        if InvocationKey::of(&info.key).is_none() {
+            continue;
+        }
+        n += 1;
+        // In pieces, so a long stream never sits in memory whole.
+        let mut next = 1;
+        loop {
+            let mut batch = Vec::new();
+            for row in events
+                .range((id, next)..=(id, i64::MAX))
+                .map_err(|e| internal("read", e))?
+                .take(1000)
+            {
+                let (k, v) = row.map_err(|e| internal("read", e))?;
+                let r = EventRecord::decode(v.value()).map_err(|e| corrupt("event", e))?;
+                let Some(kind) = EventKind::from_number(r.kind) else {
+                    continue;
+                };
+                let mut p = Prepared {
+                    stream: info.key.clone(),
+                    seq: k.value().1,
+                    kind,
+                    time_micros: r.time_micros,
+                    body: r.body,
+                    fact: crate::bes::invocation::Fact::Nothing,
+                    publisher: None,
+                };
+                p.decode();
+                next = p.seq + 1;
+                batch.push(p);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let refs: Vec<&Prepared> = batch.iter().collect();
+            tables.update(&info.key, &refs)?;
+        }
+    }
+    Ok(n)
 }
 
 /// Schema 1 → 2: streams keyed by their instance too (the owner recorded in
@@ -269,8 +427,10 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
         let mut streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
         let mut events = txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
         let mut meta = txn.open_table(META).map_err(|e| internal("table", e))?;
+        let mut invocations = InvocationTables::open(&txn)?;
         for job in group {
             let mut out = Published::default();
+            let mut stored: Vec<&Prepared> = Vec::new();
             let Some(first) = job.events.first() else {
                 results.push(out);
                 continue;
@@ -333,6 +493,7 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
                     .insert((stream_id, event.seq), rec.encode_to_vec().as_slice())
                     .map_err(|e| internal("write", e))?;
                 changed = true;
+                stored.push(event);
                 out.outcomes.push(Outcome::Stored);
             }
             if let (true, Some(info), Some(id)) = (changed, &state, id) {
@@ -345,6 +506,7 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
                 streams
                     .insert(key, srec.encode_to_vec().as_slice())
                     .map_err(|e| internal("write", e))?;
+                invocations.update(k, &stored)?;
             }
             results.push(out);
         }
@@ -508,6 +670,181 @@ impl EventStore for FileStore {
             ..StoreStats::default()
         }
     }
+
+    fn list_invocations<'a>(
+        &'a self,
+        query: &'a InvocationQuery,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>> {
+        let query = query.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(|e| internal("read", e))?;
+            let invocations = txn
+                .open_table(INVOCATIONS)
+                .map_err(|e| internal("table", e))?;
+            let mut out = Vec::new();
+            let mut take = |inst: &str, id: &str| -> Result<bool, StoreError> {
+                if let Some(v) = invocations
+                    .get((inst, id))
+                    .map_err(|e| internal("read", e))?
+                {
+                    let inv =
+                        gg::Invocation::decode(v.value()).map_err(|e| corrupt("invocation", e))?;
+                    if query.matches(&inv) {
+                        out.push(inv);
+                    }
+                }
+                Ok(out.len() < limit)
+            };
+            // Newest first, from the position after the cursor; the start
+            // time bounds narrow the range scanned.
+            let hi = query
+                .started_before
+                .map_or(i64::MAX, |t| t.saturating_sub(1));
+            let lo = query.started_after.unwrap_or(i64::MIN);
+            if let Some(instance) = &query.instance {
+                let table = txn
+                    .open_table(LISTING_BY_INSTANCE)
+                    .map_err(|e| internal("table", e))?;
+                // Rows at the cursor's start time are checked one by one.
+                let top = query.after.as_ref().map_or(hi, |c| c.start_millis.min(hi));
+                let range = table
+                    .range(
+                        (instance.as_str(), lo, "")..(instance.as_str(), top.saturating_add(1), ""),
+                    )
+                    .map_err(|e| internal("read", e))?;
+                for row in range.rev() {
+                    let (k, _) = row.map_err(|e| internal("read", e))?;
+                    let (inst, start, id) = k.value();
+                    let c = Cursor {
+                        start_millis: start,
+                        instance: inst.to_string(),
+                        invocation_id: id.to_string(),
+                    };
+                    if !query.is_after(&c) {
+                        continue;
+                    }
+                    if !take(inst, id)? {
+                        break;
+                    }
+                }
+            } else {
+                let table = txn.open_table(LISTING).map_err(|e| internal("table", e))?;
+                let top = query.after.as_ref().map_or(hi, |c| c.start_millis.min(hi));
+                for row in table
+                    .range((lo, "", "")..(top.saturating_add(1), "", ""))
+                    .map_err(|e| internal("read", e))?
+                    .rev()
+                {
+                    let (k, _) = row.map_err(|e| internal("read", e))?;
+                    let (start, inst, id) = k.value();
+                    let c = Cursor {
+                        start_millis: start,
+                        instance: inst.to_string(),
+                        invocation_id: id.to_string(),
+                    };
+                    if !query.is_after(&c) {
+                        continue;
+                    }
+                    if !take(inst, id)? {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .boxed()
+    }
+
+    fn get_invocation<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+    ) -> BoxFuture<'a, Result<Option<gg::Invocation>, StoreError>> {
+        let key = key.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(|e| internal("read", e))?;
+            let t = txn
+                .open_table(INVOCATIONS)
+                .map_err(|e| internal("table", e))?;
+            match t
+                .get((key.instance.as_str(), key.invocation_id.as_str()))
+                .map_err(|e| internal("read", e))?
+            {
+                Some(v) => Ok(Some(
+                    gg::Invocation::decode(v.value()).map_err(|e| corrupt("invocation", e))?,
+                )),
+                None => Ok(None),
+            }
+        })
+        .boxed()
+    }
+
+    fn get_targets<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>> {
+        let key = key.clone();
+        let after = after.map(str::to_string);
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(|e| internal("read", e))?;
+            let t = txn.open_table(TARGETS).map_err(|e| internal("table", e))?;
+            let (i, id) = (key.instance.as_str(), key.invocation_id.as_str());
+            let from = after.as_deref().unwrap_or("");
+            let mut out = Vec::new();
+            for row in t.range((i, id, from)..).map_err(|e| internal("read", e))? {
+                let (k, v) = row.map_err(|e| internal("read", e))?;
+                let (ki, kid, label) = k.value();
+                if ki != i || kid != id || out.len() >= limit {
+                    break;
+                }
+                if after.as_deref() == Some(label) {
+                    continue;
+                }
+                out.push(gg::Target::decode(v.value()).map_err(|e| corrupt("target", e))?);
+            }
+            Ok(out)
+        })
+        .boxed()
+    }
+
+    fn get_log<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>> {
+        let key = key.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(|e| internal("read", e))?;
+            let t = txn.open_table(LOGS).map_err(|e| internal("table", e))?;
+            let (i, id) = (key.instance.as_str(), key.invocation_id.as_str());
+            // The chunk holding `offset` starts at or before it.
+            let start = t
+                .range((i, id, i64::MIN)..=(i, id, offset))
+                .map_err(|e| internal("read", e))?
+                .next_back()
+                .transpose()
+                .map_err(|e| internal("read", e))?
+                .map_or(offset, |(k, _)| k.value().2);
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for row in t
+                .range((i, id, start)..=(i, id, i64::MAX))
+                .map_err(|e| internal("read", e))?
+            {
+                if bytes >= limit {
+                    break;
+                }
+                let (k, v) = row.map_err(|e| internal("read", e))?;
+                bytes += v.value().len();
+                out.push((k.value().2, Bytes::copy_from_slice(v.value())));
+            }
+            Ok(out)
+        })
+        .boxed()
+    }
 }
 
 #[cfg(test)]
@@ -602,5 +939,50 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(old.len(), 2, "the new stream did not take an old number");
+    }
+}
+
+#[cfg(test)]
+mod backfill_tests {
+    use super::*;
+    use crate::bes::invocation::tests::{build, recorded, tool_stream_of};
+
+    /// A schema 2 file (events, no invocations) gets the invocations of its
+    /// stored events built when it is opened.
+    #[tokio::test]
+    async fn a_schema_2_file_gets_its_invocations_built_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.redb");
+        let k = StreamKey {
+            build_id: "b".into(),
+            invocation_id: "inv".into(),
+            component: 3,
+            instance: "team-a".into(),
+        };
+        let events = tool_stream_of(&k, &recorded("bazel-4.2.3/test.bin"), 1_700_000_000);
+        {
+            let store = FileStore::open(&path).await.unwrap();
+            for batch in events.chunks(50) {
+                store.publish_events(batch).await.unwrap();
+            }
+        }
+        // Back to what schema 2 wrote: no invocation tables.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(INVOCATIONS).unwrap();
+            txn.delete_table(LISTING).unwrap();
+            txn.delete_table(LISTING_BY_INSTANCE).unwrap();
+            txn.delete_table(TARGETS).unwrap();
+            txn.delete_table(LOGS).unwrap();
+            txn.open_table(META).unwrap().insert("schema", 2).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = FileStore::open(&path).await.unwrap();
+        let key = InvocationKey::of(&k).unwrap();
+        let (inv, targets) = build(&events, events.len());
+        assert_eq!(store.get_invocation(&key).await.unwrap(), Some(inv));
+        let stored = store.get_targets(&key, None, 1000).await.unwrap();
+        assert_eq!(stored, targets.into_values().collect::<Vec<_>>());
     }
 }

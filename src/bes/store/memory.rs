@@ -7,17 +7,20 @@
 //! does not fit even in an empty store is refused ([`Rejection::Full`]).
 //! Evictions are counted in [`StoreStats::evicted_streams`] and logged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use regex::Regex;
 
 use super::{
-    check_event, EventFilter, EventStore, Outcome, Published, Rejection, Step, StoreError,
-    StoreStats, StoredEvent, StreamInfo,
+    check_event, Cursor, EventFilter, EventStore, InvocationQuery, Outcome, Published, Rejection,
+    Step, StoreError, StoreStats, StoredEvent, StreamInfo,
 };
 use crate::bes::event::{Prepared, StreamKey};
+use crate::bes::invocation::{model, InvocationKey};
+use crate::proto::gridgate::v1 as gg;
 
 /// Bytes charged per stream and per event on top of their payloads, for the
 /// bookkeeping around them.
@@ -40,6 +43,17 @@ struct Inner {
     tick: u64,
     bytes: u64,
     stats: StoreStats,
+    invocations: HashMap<InvocationKey, Invocation>,
+    /// Every invocation by its listing position.
+    listing: BTreeSet<Cursor>,
+}
+
+/// An invocation as the memory store keeps it.
+#[derive(Default)]
+struct Invocation {
+    summary: gg::Invocation,
+    targets: BTreeMap<String, gg::Target>,
+    log: Vec<(i64, Bytes)>,
 }
 
 struct Stream {
@@ -77,6 +91,7 @@ impl MemoryStore {
         let mut inner = self.lock();
         let mut state = inner.streams.get(key).map(|s| s.info.clone());
         let mut stored_any = false;
+        let mut stored: Vec<&Prepared> = Vec::new();
         for event in events {
             if event.stream != *key {
                 break; // The service sends one stream per call.
@@ -99,6 +114,7 @@ impl MemoryStore {
                 continue;
             }
             let cost = event.body.len() as u64
+                + event.fact.weight()
                 + EVENT_OVERHEAD
                 + if step == Step::Create {
                     STREAM_OVERHEAD + (key.build_id.len() + key.instance.len()) as u64 * 2
@@ -118,16 +134,49 @@ impl MemoryStore {
             }
             inner.append(key, event, cost);
             stored_any = true;
+            stored.push(event);
             out.outcomes.push(Outcome::Stored);
         }
         if let (true, Some(info)) = (stored_any, state) {
             inner.index(key, info);
+            inner.update_invocation(key, &stored);
         }
         out
     }
 }
 
 impl Inner {
+    /// Applies newly stored events to the invocation they feed.
+    fn update_invocation(&mut self, stream: &StreamKey, stored: &[&Prepared]) {
+        let Some(key) = InvocationKey::of(stream) else {
+            return;
+        };
+        let inv = self.invocations.get(&key);
+        let touched = model::labels(stored.iter().copied())
+            .into_iter()
+            .filter_map(|l| Some((l.clone(), inv?.targets.get(&l)?.clone())))
+            .collect();
+        let summary = inv.map(|i| i.summary.clone());
+        let Some(update) = model::apply(stream, summary, touched, stored.iter().copied()) else {
+            return;
+        };
+        let inv = self.invocations.entry(key).or_default();
+        self.listing.remove(&Cursor::of(&inv.summary));
+        inv.summary = update.invocation;
+        self.listing.insert(Cursor::of(&inv.summary));
+        for t in update.targets {
+            inv.targets.insert(t.label.clone(), t);
+        }
+        inv.log.extend(update.log);
+    }
+
+    /// Forgets the invocation a stream fed (its stream is gone).
+    fn drop_invocation(&mut self, stream: &StreamKey) {
+        if let Some(inv) = InvocationKey::of(stream).and_then(|k| self.invocations.remove(&k)) {
+            self.listing.remove(&Cursor::of(&inv.summary));
+        }
+    }
+
     /// Evicts streams until `cost` more bytes fit; false if they cannot.
     fn make_room(&mut self, cost: u64, budget: u64, writing: &StreamKey) -> bool {
         while self.bytes + cost > budget {
@@ -139,6 +188,7 @@ impl Inner {
                 .map(|(_, k)| k.clone());
             let Some(victim) = victim else { return false };
             if let Some(s) = self.streams.remove(&victim) {
+                self.drop_invocation(&victim);
                 self.finished.remove(&s.tick);
                 self.active.remove(&s.tick);
                 self.bytes -= s.bytes;
@@ -275,5 +325,97 @@ impl EventStore for MemoryStore {
             bytes: inner.bytes,
             ..inner.stats.clone()
         }
+    }
+
+    fn list_invocations<'a>(
+        &'a self,
+        query: &'a InvocationQuery,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>> {
+        let inner = self.lock();
+        let upper = match &query.after {
+            Some(a) => std::ops::Bound::Excluded(a.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let out: Vec<gg::Invocation> = inner
+            .listing
+            .range((std::ops::Bound::Unbounded, upper))
+            .rev()
+            .filter_map(|c| {
+                let key = InvocationKey {
+                    instance: c.instance.clone(),
+                    invocation_id: c.invocation_id.clone(),
+                };
+                inner.invocations.get(&key).map(|i| &i.summary)
+            })
+            .filter(|i| query.matches(i))
+            .take(limit)
+            .cloned()
+            .collect();
+        drop(inner);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_invocation<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+    ) -> BoxFuture<'a, Result<Option<gg::Invocation>, StoreError>> {
+        let out = self.lock().invocations.get(key).map(|i| i.summary.clone());
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_targets<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .invocations
+            .get(key)
+            .map(|i| {
+                let from = match after {
+                    Some(a) => std::ops::Bound::Excluded(a),
+                    None => std::ops::Bound::Unbounded,
+                };
+                i.targets
+                    .range::<str, _>((from, std::ops::Bound::Unbounded))
+                    .take(limit)
+                    .map(|(_, t)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(inner);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_log<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .invocations
+            .get(key)
+            .map(|i| {
+                // The first chunk holding `offset`, then on until `limit`.
+                let first = i.log.partition_point(|(o, t)| o + t.len() as i64 <= offset);
+                let mut bytes = 0;
+                i.log[first..]
+                    .iter()
+                    .take_while(|(_, t)| {
+                        let more = bytes < limit;
+                        bytes += t.len();
+                        more
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(inner);
+        async move { Ok(out) }.boxed()
     }
 }

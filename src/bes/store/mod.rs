@@ -26,7 +26,11 @@
 //!   and neither can tell from the answers that the other exists;
 //! - nothing follows a stream's final event ([`Rejection::Finished`]);
 //! - [`EventStore::publish_events`] returns only after the stored events are
-//!   durable (for the durable stores), so acknowledging them is safe.
+//!   durable (for the durable stores), so acknowledging them is safe;
+//! - the invocation a batch of events feeds ([`crate::bes::invocation`]) is
+//!   updated in the same transaction as the events are stored, from the
+//!   [`Fact`](crate::bes::invocation::Fact)s of the events stored now (never
+//!   of duplicates), so an invocation always agrees with its events.
 
 pub mod file;
 pub mod memory;
@@ -41,7 +45,9 @@ use futures_util::future::{BoxFuture, FutureExt};
 use regex::Regex;
 
 use super::event::{EventKind, Prepared, StreamKey};
+use super::invocation::InvocationKey;
 use crate::config::BuildEventsConfig;
+use crate::proto::gridgate::v1 as gg;
 
 /// What happened to one published event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +219,119 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The store's counters.
     fn stats(&self) -> StoreStats;
+
+    /// Invocations matching `query`, newest first (start time, then instance
+    /// and invocation id, descending), after `query.after`, at most `limit`.
+    fn list_invocations<'a>(
+        &'a self,
+        query: &'a InvocationQuery,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>>;
+
+    /// One invocation's summary.
+    fn get_invocation<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+    ) -> BoxFuture<'a, Result<Option<gg::Invocation>, StoreError>>;
+
+    /// An invocation's targets in label order, after `after` (exclusive), at
+    /// most `limit`.
+    fn get_targets<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>>;
+
+    /// The console output chunks (offset, text) of an invocation that hold
+    /// bytes at or after `offset`, in order, until about `limit` bytes.
+    fn get_log<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>>;
+}
+
+/// Which invocations [`EventStore::list_invocations`] returns. Every set
+/// field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvocationQuery {
+    /// Only this instance.
+    pub instance: Option<String>,
+    /// Only this build id.
+    pub build_id: Option<String>,
+    /// Only this BUILD_USER.
+    pub user: Option<String>,
+    /// Only this state.
+    pub state: Option<gg::InvocationState>,
+    /// Only this command.
+    pub command: Option<String>,
+    /// Only invocations one of whose target patterns contains this.
+    pub pattern: Option<String>,
+    /// Only invocations whose build metadata has all of these pairs.
+    pub metadata: Vec<(String, String)>,
+    /// Only invocations started at or after this (ms since the epoch).
+    pub started_after: Option<i64>,
+    /// Only invocations started before this.
+    pub started_before: Option<i64>,
+    /// Only invocations after this one in the listing order.
+    pub after: Option<Cursor>,
+}
+
+/// A position in the invocation listing (newest first).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    /// Start time (ms since the epoch).
+    pub start_millis: i64,
+    /// Instance.
+    pub instance: String,
+    /// Invocation id.
+    pub invocation_id: String,
+}
+
+impl Cursor {
+    /// The cursor of an invocation.
+    pub fn of(inv: &gg::Invocation) -> Cursor {
+        Cursor {
+            start_millis: inv.start_time_millis,
+            instance: inv.instance_name.clone(),
+            invocation_id: inv.invocation_id.clone(),
+        }
+    }
+}
+
+impl InvocationQuery {
+    /// Whether `inv` passes every filter except the position (`after`),
+    /// which stores apply with their indexes.
+    pub fn matches(&self, inv: &gg::Invocation) -> bool {
+        self.instance
+            .as_ref()
+            .is_none_or(|i| *i == inv.instance_name)
+            && self.build_id.as_ref().is_none_or(|b| *b == inv.build_id)
+            && self.user.as_ref().is_none_or(|u| *u == inv.user)
+            && self.state.is_none_or(|s| s == inv.state())
+            && self.command.as_ref().is_none_or(|c| *c == inv.command)
+            && self
+                .pattern
+                .as_ref()
+                .is_none_or(|p| inv.patterns.iter().any(|x| x.contains(p.as_str())))
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| inv.build_metadata.get(k) == Some(v))
+            && self
+                .started_after
+                .is_none_or(|t| inv.start_time_millis >= t)
+            && self
+                .started_before
+                .is_none_or(|t| inv.start_time_millis < t)
+    }
+
+    /// Whether a row at `c` comes after the query's position.
+    pub fn is_after(&self, c: &Cursor) -> bool {
+        self.after.as_ref().is_none_or(|a| c < a)
+    }
 }
 
 /// Opens the configured store (creating files, connecting and migrating the
@@ -222,7 +341,18 @@ pub async fn open(config: &BuildEventsConfig) -> Result<Arc<dyn EventStore>, Sto
         BuildEventsConfig::Memory { max_bytes } => Arc::new(memory::MemoryStore::new(*max_bytes)),
         BuildEventsConfig::File { path } => Arc::new(file::FileStore::open(path).await?),
         BuildEventsConfig::Postgres { url } => {
-            Arc::new(postgres::PostgresStore::connect(url).await?)
+            let store = Arc::new(postgres::PostgresStore::connect(url).await?);
+            // Streams stored before invocations were indexed get theirs
+            // built in the background (a publish to one does it at once).
+            let backfill = store.clone();
+            tokio::spawn(async move {
+                match backfill.backfill().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(streams = n, "build events: invocations built for streams stored before indexing"),
+                    Err(e) => tracing::warn!("build events: building invocations of older streams failed (a publish to one builds it): {e}"),
+                }
+            });
+            store
         }
     })
 }

@@ -28,10 +28,14 @@ use regex::Regex;
 use tokio_postgres::NoTls;
 
 use super::{
-    check_event, EventFilter, EventStore, Outcome, Published, Step, StoreError, StoreStats,
-    StoredEvent, StreamInfo,
+    check_event, EventFilter, EventStore, InvocationQuery, Outcome, Published, Step, StoreError,
+    StoreStats, StoredEvent, StreamInfo,
 };
 use crate::bes::event::{EventKind, Prepared, StreamKey};
+use crate::bes::invocation::{model, Fact, InvocationKey};
+use crate::proto::gridgate::v1 as gg;
+use bytes::Bytes;
+use prost::Message;
 
 /// Connections in the pool.
 const POOL_SIZE: usize = 16;
@@ -68,6 +72,48 @@ CREATE TABLE bes_events (
 ALTER TABLE bes_streams DROP CONSTRAINT bes_streams_build_id_invocation_id_component_key;
 CREATE UNIQUE INDEX bes_streams_key
     ON bes_streams (build_id text_pattern_ops, invocation_id, component, instance);
+"#,
+    // Invocations, built from the events at ingest. Streams stored before
+    // this have `indexed` false: their invocations are built from their
+    // stored events by the first publish that touches them or by the
+    // backfill that runs after start, whichever locks the stream first.
+    // Identifiers and labels sort bytewise (COLLATE "C"), as in every store.
+    r#"
+ALTER TABLE bes_streams ADD COLUMN indexed BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX bes_streams_unindexed ON bes_streams (id) WHERE NOT indexed;
+CREATE TABLE bes_invocations (
+    instance      TEXT COLLATE "C" NOT NULL,
+    invocation_id TEXT COLLATE "C" NOT NULL,
+    build_id      TEXT NOT NULL,
+    started_ms    BIGINT NOT NULL,
+    state         SMALLINT NOT NULL,
+    user_name     TEXT NOT NULL,
+    command       TEXT NOT NULL,
+    patterns      TEXT[] NOT NULL,
+    metadata      TEXT[] NOT NULL,  -- build metadata as KEY=VALUE
+    last_event_ms BIGINT NOT NULL,
+    body          BYTEA NOT NULL,
+    PRIMARY KEY (instance, invocation_id)
+);
+CREATE INDEX bes_invocations_listing ON bes_invocations (started_ms, instance, invocation_id);
+CREATE INDEX bes_invocations_instance_listing
+    ON bes_invocations (instance, started_ms, invocation_id);
+CREATE INDEX bes_invocations_build ON bes_invocations (build_id);
+CREATE INDEX bes_invocations_running ON bes_invocations (last_event_ms) WHERE state = 1;
+CREATE TABLE bes_targets (
+    instance      TEXT COLLATE "C" NOT NULL,
+    invocation_id TEXT COLLATE "C" NOT NULL,
+    label         TEXT COLLATE "C" NOT NULL,
+    body          BYTEA NOT NULL,
+    PRIMARY KEY (instance, invocation_id, label)
+);
+CREATE TABLE bes_logs (
+    instance      TEXT COLLATE "C" NOT NULL,
+    invocation_id TEXT COLLATE "C" NOT NULL,
+    byte_offset   BIGINT NOT NULL,
+    data          BYTEA NOT NULL,
+    PRIMARY KEY (instance, invocation_id, byte_offset)
+);
 "#,
 ];
 
@@ -177,7 +223,7 @@ impl PostgresStore {
         // Statements are prepared once per connection (saves a round trip each).
         let lock = tx
             .prepare_cached(
-                "SELECT id, last_seq, finished FROM bes_streams
+                "SELECT id, last_seq, finished, indexed FROM bes_streams
                  WHERE build_id = $1 AND invocation_id = $2 AND component = $3 AND instance = $4
                  FOR UPDATE",
             )
@@ -194,6 +240,7 @@ impl PostgresStore {
             .await
             .map_err(|e| pg_error("publish", e))?;
         let mut id: Option<i64> = row.as_ref().map(|r| r.get(0));
+        let mut indexed: bool = row.as_ref().is_none_or(|r| r.get(3));
         let mut state = row.map(|r| StreamInfo {
             key: key.clone(),
             last_seq: r.get(1),
@@ -212,8 +259,8 @@ impl PostgresStore {
                     Ok(Step::Create) => {
                         let created = tx
                             .query_opt(
-                                "INSERT INTO bes_streams (build_id, invocation_id, component, instance)
-                                 VALUES ($1, $2, $3, $4)
+                                "INSERT INTO bes_streams (build_id, invocation_id, component, instance, indexed)
+                                 VALUES ($1, $2, $3, $4, TRUE)
                                  ON CONFLICT (build_id, invocation_id, component, instance) DO NOTHING
                                  RETURNING id",
                                 &args,
@@ -231,6 +278,7 @@ impl PostgresStore {
                             .await
                             .map_err(|e| pg_error("publish", e))?;
                         id = Some(r.get(0));
+                        indexed = r.get(3);
                         state = Some(StreamInfo {
                             key: key.clone(),
                             last_seq: r.get(1),
@@ -306,6 +354,18 @@ impl PostgresStore {
                     "build events: some events were already stored"
                 );
             }
+            if !indexed {
+                // A stream stored before invocations were indexed: build
+                // its invocation from its older events first.
+                index_stream(&tx, id, key, new.first().map_or(i64::MAX, |e| e.seq)).await?;
+                tx.execute(
+                    "UPDATE bes_streams SET indexed = TRUE WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| pg_error("updating the stream", e))?;
+            }
+            update_invocation(&tx, key, &new).await?;
             if before.as_ref() != Some(info) {
                 let update = tx
                     .prepare_cached(
@@ -427,7 +487,422 @@ impl PostgresStore {
     }
 }
 
+/// Applies newly stored events of `stream` to the invocation they feed, in
+/// the publishing transaction. The invocation's row is locked first (created
+/// empty if missing) so the tool stream and the controller stream of one
+/// invocation, published at once through different connections, apply one
+/// after the other.
+async fn update_invocation(
+    tx: &deadpool_postgres::Transaction<'_>,
+    stream: &StreamKey,
+    stored: &[&Prepared],
+) -> Result<(), StoreError> {
+    let Some(key) = InvocationKey::of(stream) else {
+        return Ok(());
+    };
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let e = |e| pg_error("updating the invocation", e);
+    let create = tx
+        .prepare_cached(
+            "INSERT INTO bes_invocations (instance, invocation_id, build_id, started_ms, state,
+                 user_name, command, patterns, metadata, last_event_ms, body)
+             VALUES ($1, $2, $3, 0, 0, '', '', '{}', '{}', 0, '')
+             ON CONFLICT (instance, invocation_id) DO NOTHING",
+        )
+        .await
+        .map_err(e)?;
+    tx.execute(
+        &create,
+        &[&key.instance, &key.invocation_id, &stream.build_id],
+    )
+    .await
+    .map_err(e)?;
+    let lock = tx
+        .prepare_cached(
+            "SELECT body FROM bes_invocations WHERE instance = $1 AND invocation_id = $2 FOR UPDATE",
+        )
+        .await
+        .map_err(e)?;
+    let row = tx
+        .query_one(&lock, &[&key.instance, &key.invocation_id])
+        .await
+        .map_err(e)?;
+    let body: &[u8] = row.get(0);
+    let summary = if body.is_empty() {
+        None
+    } else {
+        Some(
+            gg::Invocation::decode(body)
+                .map_err(|e| StoreError::Internal(format!("corrupt invocation record: {e}")))?,
+        )
+    };
+    let labels = model::labels(stored.iter().copied());
+    let mut touched = std::collections::HashMap::new();
+    if !labels.is_empty() {
+        let read = tx
+            .prepare_cached(
+                "SELECT label, body FROM bes_targets
+                 WHERE instance = $1 AND invocation_id = $2 AND label = ANY($3)",
+            )
+            .await
+            .map_err(e)?;
+        for r in tx
+            .query(&read, &[&key.instance, &key.invocation_id, &labels])
+            .await
+            .map_err(e)?
+        {
+            let t = gg::Target::decode(r.get::<_, &[u8]>(1))
+                .map_err(|e| StoreError::Internal(format!("corrupt target record: {e}")))?;
+            touched.insert(r.get::<_, String>(0), t);
+        }
+    }
+    let Some(update) = model::apply(stream, summary, touched, stored.iter().copied()) else {
+        return Ok(());
+    };
+    let inv = &update.invocation;
+    let metadata = metadata_words(&inv.build_metadata);
+    let write = tx
+        .prepare_cached(
+            "UPDATE bes_invocations SET build_id = $3, started_ms = $4, state = $5, user_name = $6,
+                 command = $7, patterns = $8, metadata = $9, last_event_ms = $10, body = $11
+             WHERE instance = $1 AND invocation_id = $2",
+        )
+        .await
+        .map_err(e)?;
+    tx.execute(
+        &write,
+        &[
+            &key.instance,
+            &key.invocation_id,
+            &inv.build_id,
+            &inv.start_time_millis,
+            &(inv.state as i16),
+            &inv.user,
+            &inv.command,
+            &inv.patterns,
+            &metadata,
+            &inv.last_event_millis,
+            &inv.encode_to_vec(),
+        ],
+    )
+    .await
+    .map_err(e)?;
+    if !update.targets.is_empty() {
+        let labels: Vec<&str> = update.targets.iter().map(|t| t.label.as_str()).collect();
+        let bodies: Vec<Vec<u8>> = update.targets.iter().map(Message::encode_to_vec).collect();
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO bes_targets (instance, invocation_id, label, body)
+                 SELECT $1, $2, * FROM UNNEST($3::TEXT[], $4::BYTEA[])
+                 ON CONFLICT (instance, invocation_id, label) DO UPDATE SET body = EXCLUDED.body",
+            )
+            .await
+            .map_err(e)?;
+        tx.execute(
+            &upsert,
+            &[&key.instance, &key.invocation_id, &labels, &bodies],
+        )
+        .await
+        .map_err(e)?;
+    }
+    if !update.log.is_empty() {
+        let offsets: Vec<i64> = update.log.iter().map(|(o, _)| *o).collect();
+        let texts: Vec<&[u8]> = update.log.iter().map(|(_, t)| t.as_ref()).collect();
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO bes_logs (instance, invocation_id, byte_offset, data)
+                 SELECT $1, $2, * FROM UNNEST($3::BIGINT[], $4::BYTEA[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(e)?;
+        tx.execute(
+            &insert,
+            &[&key.instance, &key.invocation_id, &offsets, &texts],
+        )
+        .await
+        .map_err(e)?;
+    }
+    Ok(())
+}
+
+/// Build metadata as the `KEY=VALUE` words the `metadata` column holds.
+fn metadata_words<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<String> {
+    pairs.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Builds the invocation of a stream stored before invocations were indexed,
+/// from its events below `before` (the stream's row is locked by the caller).
+async fn index_stream(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: i64,
+    key: &StreamKey,
+    before: i64,
+) -> Result<(), StoreError> {
+    if InvocationKey::of(key).is_none() {
+        return Ok(());
+    }
+    let mut next = 1;
+    loop {
+        let rows = tx
+            .query(
+                "SELECT seq, kind, event_time_us, body FROM bes_events
+                 WHERE stream = $1 AND seq >= $2 AND seq < $3 ORDER BY seq LIMIT 1000",
+                &[&id, &next, &before],
+            )
+            .await
+            .map_err(|e| pg_error("reading events to index", e))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for r in rows {
+            let seq: i64 = r.get(0);
+            next = seq + 1;
+            let Some(kind) = EventKind::from_number(i32::from(r.get::<_, i16>(1))) else {
+                continue;
+            };
+            let mut p = Prepared {
+                stream: key.clone(),
+                seq,
+                kind,
+                time_micros: r.get(2),
+                body: Bytes::from(r.get::<_, Vec<u8>>(3)),
+                fact: Fact::Nothing,
+                publisher: None,
+            };
+            p.decode();
+            batch.push(p);
+        }
+        let refs: Vec<&Prepared> = batch.iter().collect();
+        update_invocation(tx, key, &refs).await?;
+    }
+}
+
 impl PostgresStore {
+    /// Builds the invocations of streams stored before they were indexed, a
+    /// few streams per transaction; returns how many streams it indexed.
+    /// Runs after start; a publish to such a stream indexes it itself.
+    pub async fn backfill(&self) -> Result<u64, StoreError> {
+        let mut done = 0;
+        loop {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let ids: Vec<i64> = client
+                .query(
+                    "SELECT id FROM bes_streams WHERE NOT indexed ORDER BY id LIMIT 50",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_error("backfill", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            drop(client);
+            if ids.is_empty() {
+                return Ok(done);
+            }
+            for id in ids {
+                let mut client = self.pool.get().await.map_err(pool_error)?;
+                let tx = client
+                    .transaction()
+                    .await
+                    .map_err(|e| pg_error("backfill", e))?;
+                let row = tx
+                    .query_opt(
+                        "SELECT build_id, invocation_id, component, instance, indexed
+                         FROM bes_streams WHERE id = $1 FOR UPDATE",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| pg_error("backfill", e))?;
+                let Some(row) = row.filter(|r| !r.get::<_, bool>(4)) else {
+                    continue;
+                };
+                let key = StreamKey {
+                    build_id: row.get(0),
+                    invocation_id: row.get(1),
+                    component: row.get(2),
+                    instance: row.get(3),
+                };
+                index_stream(&tx, id, &key, i64::MAX).await?;
+                tx.execute(
+                    "UPDATE bes_streams SET indexed = TRUE WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| pg_error("backfill", e))?;
+                tx.commit().await.map_err(|e| pg_error("backfill", e))?;
+                done += 1;
+            }
+        }
+    }
+
+    async fn invocations(
+        &self,
+        q: &InvocationQuery,
+        limit: usize,
+    ) -> Result<Vec<gg::Invocation>, StoreError> {
+        use tokio_postgres::types::ToSql;
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // Only the filters that are set go into the statement, so the
+        // planner sees plain conditions it can match to an index.
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut conds: Vec<String> = Vec::new();
+        let p = |v: Box<dyn ToSql + Sync + Send>, params: &mut Vec<_>| {
+            params.push(v);
+            format!("${}", params.len())
+        };
+        if let Some(i) = &q.instance {
+            conds.push(format!(
+                "instance = {}",
+                p(Box::new(i.clone()), &mut params)
+            ));
+        }
+        if let Some(b) = &q.build_id {
+            conds.push(format!(
+                "build_id = {}",
+                p(Box::new(b.clone()), &mut params)
+            ));
+        }
+        if let Some(u) = &q.user {
+            conds.push(format!(
+                "user_name = {}",
+                p(Box::new(u.clone()), &mut params)
+            ));
+        }
+        if let Some(s) = q.state {
+            conds.push(format!("state = {}", p(Box::new(s as i16), &mut params)));
+        }
+        if let Some(c) = &q.command {
+            conds.push(format!("command = {}", p(Box::new(c.clone()), &mut params)));
+        }
+        if let Some(pat) = &q.pattern {
+            conds.push(format!(
+                "EXISTS (SELECT 1 FROM unnest(patterns) x WHERE strpos(x, {}) > 0)",
+                p(Box::new(pat.clone()), &mut params)
+            ));
+        }
+        if !q.metadata.is_empty() {
+            let words = metadata_words(q.metadata.iter().map(|(k, v)| (k, v)));
+            conds.push(format!(
+                "metadata @> {}::TEXT[]",
+                p(Box::new(words), &mut params)
+            ));
+        }
+        if let Some(t) = q.started_after {
+            conds.push(format!("started_ms >= {}", p(Box::new(t), &mut params)));
+        }
+        if let Some(t) = q.started_before {
+            conds.push(format!("started_ms < {}", p(Box::new(t), &mut params)));
+        }
+        if let Some(c) = &q.after {
+            let a = p(Box::new(c.start_millis), &mut params);
+            let b = p(Box::new(c.instance.clone()), &mut params);
+            let d = p(Box::new(c.invocation_id.clone()), &mut params);
+            conds.push(format!(
+                "(started_ms, instance, invocation_id) < ({a}, {b}, {d})"
+            ));
+        }
+        // Rows still being created by a publish (empty body) are not listed.
+        conds.push("body <> ''".into());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let l = p(Box::new(limit), &mut params);
+        let sql = format!(
+            "SELECT body FROM bes_invocations WHERE {}              ORDER BY started_ms DESC, instance DESC, invocation_id DESC LIMIT {l}",
+            conds.join(" AND ")
+        );
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = client
+            .query(&sql, &refs)
+            .await
+            .map_err(|e| pg_error("listing invocations", e))?;
+        rows.iter()
+            .map(|r| {
+                gg::Invocation::decode(r.get::<_, &[u8]>(0))
+                    .map_err(|e| StoreError::Internal(format!("corrupt invocation record: {e}")))
+            })
+            .collect()
+    }
+
+    async fn invocation(&self, key: &InvocationKey) -> Result<Option<gg::Invocation>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_opt(
+                "SELECT body FROM bes_invocations
+                 WHERE instance = $1 AND invocation_id = $2 AND body <> ''",
+                &[&key.instance, &key.invocation_id],
+            )
+            .await
+            .map_err(|e| pg_error("reading an invocation", e))?;
+        row.map(|r| {
+            gg::Invocation::decode(r.get::<_, &[u8]>(0))
+                .map_err(|e| StoreError::Internal(format!("corrupt invocation record: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn targets(
+        &self,
+        key: &InvocationKey,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<gg::Target>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "SELECT body FROM bes_targets
+                 WHERE instance = $1 AND invocation_id = $2 AND ($3::TEXT IS NULL OR label > $3)
+                 ORDER BY label LIMIT $4",
+                &[&key.instance, &key.invocation_id, &after, &limit],
+            )
+            .await
+            .map_err(|e| pg_error("reading targets", e))?;
+        rows.iter()
+            .map(|r| {
+                gg::Target::decode(r.get::<_, &[u8]>(0))
+                    .map_err(|e| StoreError::Internal(format!("corrupt target record: {e}")))
+            })
+            .collect()
+    }
+
+    async fn log(
+        &self,
+        key: &InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, Bytes)>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // The chunk holding `offset` starts at the greatest offset <= it.
+        let rows = client
+            .query(
+                "SELECT byte_offset, data FROM bes_logs
+                 WHERE instance = $1 AND invocation_id = $2
+                   AND byte_offset >= COALESCE((SELECT max(byte_offset) FROM bes_logs
+                       WHERE instance = $1 AND invocation_id = $2 AND byte_offset <= $3), $3)
+                 ORDER BY byte_offset LIMIT 1000",
+                &[&key.instance, &key.invocation_id, &offset],
+            )
+            .await
+            .map_err(|e| pg_error("reading the log", e))?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for r in rows {
+            if bytes >= limit {
+                break;
+            }
+            let data: Vec<u8> = r.get(1);
+            bytes += data.len();
+            out.push((r.get(0), Bytes::from(data)));
+        }
+        Ok(out)
+    }
+
     /// [`EventStore::query_events_many`] in one round trip.
     async fn events_many(
         &self,
@@ -542,6 +1017,39 @@ impl EventStore for PostgresStore {
             ..StoreStats::default()
         }
     }
+
+    fn list_invocations<'a>(
+        &'a self,
+        query: &'a InvocationQuery,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>> {
+        self.invocations(query, limit).boxed()
+    }
+
+    fn get_invocation<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+    ) -> BoxFuture<'a, Result<Option<gg::Invocation>, StoreError>> {
+        self.invocation(key).boxed()
+    }
+
+    fn get_targets<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>> {
+        self.targets(key, after, limit).boxed()
+    }
+
+    fn get_log<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>> {
+        self.log(key, offset, limit).boxed()
+    }
 }
 
 #[cfg(test)]
@@ -607,5 +1115,61 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(versions as usize, MIGRATIONS.len());
+    }
+}
+
+#[cfg(test)]
+mod backfill_tests {
+    use super::*;
+    use crate::bes::invocation::tests::{build, recorded, tool_stream_of};
+    use crate::bes::store::tests::postgres_schema;
+
+    /// Streams stored before invocations were indexed get their invocations
+    /// built: by the next publish to the stream, or by the backfill.
+    #[tokio::test]
+    async fn streams_stored_before_indexing_get_their_invocations_built() {
+        let Some((url, _schema)) = postgres_schema("backfill").await else {
+            return;
+        };
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let stream = |inv: &str| StreamKey {
+            build_id: "b".into(),
+            invocation_id: inv.into(),
+            component: 3,
+            instance: "team-a".into(),
+        };
+        let (one, two) = (stream("one"), stream("two"));
+        let payloads = recorded("bazel-4.2.3/test.bin");
+        let events_one = tool_stream_of(&one, &payloads, 1_700_000_000);
+        let events_two = tool_stream_of(&two, &payloads, 1_700_000_000);
+        let half = events_one.len() / 2;
+        store.publish_events(&events_one[..half]).await.unwrap();
+        store.publish_events(&events_two).await.unwrap();
+        // As migration 3 leaves a store written before it.
+        let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(
+                "UPDATE bes_streams SET indexed = FALSE;
+                 TRUNCATE bes_invocations, bes_targets, bes_logs;",
+            )
+            .await
+            .unwrap();
+        // The rest of stream one: its publish indexes the first half too.
+        store.publish_events(&events_one[half..]).await.unwrap();
+        let key = InvocationKey::of(&one).unwrap();
+        let (inv, _) = build(&events_one, events_one.len());
+        assert_eq!(store.get_invocation(&key).await.unwrap(), Some(inv));
+        // Stream two waits for the backfill.
+        let key = InvocationKey::of(&two).unwrap();
+        assert_eq!(store.get_invocation(&key).await.unwrap(), None);
+        assert_eq!(store.backfill().await.unwrap(), 1);
+        let (inv, targets) = build(&events_two, events_two.len());
+        assert_eq!(store.get_invocation(&key).await.unwrap(), Some(inv));
+        assert_eq!(
+            store.get_targets(&key, None, 1000).await.unwrap(),
+            targets.into_values().collect::<Vec<_>>()
+        );
+        assert_eq!(store.backfill().await.unwrap(), 0, "nothing left");
     }
 }

@@ -548,3 +548,198 @@ async fn postgres_store_conformance() {
     let other = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
     racing_publishers(store, other, "pg").await;
 }
+
+/// The invocation index, against one store: recorded Bazel streams
+/// published in batches read back exactly as the model builds them in one
+/// go; listing order, filters and paging; targets and console output paged;
+/// retransmissions not counted twice; instances kept apart.
+pub(crate) async fn invocations_conformance(store: Arc<dyn EventStore>, tag: &str) {
+    use crate::bes::invocation::tests::{build, recorded, tool_stream_of};
+    use crate::bes::invocation::InvocationKey;
+    use crate::proto::gridgate::v1 as gg;
+
+    let store = &*store;
+    let name = store.backend();
+    let runs = [
+        ("bazel-2.1.0/build.bin", "team-a"),
+        ("bazel-2.1.0/test.bin", "team-a"),
+        ("bazel-4.2.3/build.bin", "team-a"),
+        ("bazel-4.2.3/test.bin", "team-a"),
+        ("bazel-4.2.3/test.bin", "team-b"),
+    ];
+    let mut expected = Vec::new();
+    for (n, (file, instance)) in runs.iter().enumerate() {
+        // team-b reuses team-a's last invocation id and build id.
+        let n = if *instance == "team-b" { n - 1 } else { n };
+        let k = key_of(
+            instance,
+            &format!("{tag}-inv-b{n}"),
+            &format!("{tag}-inv-{n}"),
+            3,
+        );
+        let events = tool_stream_of(&k, &recorded(file), 1_700_000_000 + n as i64 * 1000);
+        for batch in events.chunks(10) {
+            let p = store.publish_events(batch).await.unwrap();
+            assert_eq!(p.outcomes, stored(batch.len()), "{name} {file}");
+        }
+        // A retransmission changes nothing.
+        let p = store.publish_events(&events[..5]).await.unwrap();
+        assert_eq!(p.outcomes, vec![DUP; 5], "{name}");
+        let (inv, targets) = build(&events, events.len());
+        let ikey = InvocationKey::of(&k).unwrap();
+        assert_eq!(
+            store.get_invocation(&ikey).await.unwrap().as_ref(),
+            Some(&inv),
+            "{name} {file}"
+        );
+        // Targets page by label.
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.get_targets(&ikey, after.as_deref(), 2).await.unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            after = Some(last.label.clone());
+            paged.extend(page);
+        }
+        assert_eq!(
+            paged,
+            targets.into_values().collect::<Vec<_>>(),
+            "{name} {file}"
+        );
+        // The console output, whole and from the middle of a chunk.
+        let log_bytes = inv.counts.as_ref().unwrap().log_bytes as usize;
+        let chunks = store.get_log(&ikey, 0, 1 << 30).await.unwrap();
+        let whole: Vec<u8> = chunks.iter().flat_map(|(_, t)| t.to_vec()).collect();
+        assert_eq!(whole.len(), log_bytes, "{name} {file}");
+        assert_eq!(chunks.first().map(|c| c.0), (log_bytes > 0).then_some(0));
+        if let Some((offset, text)) = chunks.get(1).filter(|(_, t)| t.len() > 1) {
+            let from = store.get_log(&ikey, offset + 1, 1).await.unwrap();
+            assert_eq!(from.first(), Some(&(*offset, text.clone())), "{name}");
+        }
+        expected.push(inv);
+    }
+
+    // Newest first (the Bazel 4 runs were recorded after the Bazel 2.1 runs).
+    let list = |q: InvocationQuery, limit: usize| async move {
+        store
+            .list_invocations(&q, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.invocation_id.starts_with(tag))
+            .collect::<Vec<_>>()
+    };
+    let mut newest: Vec<gg::Invocation> = expected.clone();
+    newest.sort_by_key(|i| std::cmp::Reverse(Cursor::of(i)));
+    let mine = |instance: &str| InvocationQuery {
+        instance: Some(instance.into()),
+        ..Default::default()
+    };
+    let team_a: Vec<_> = newest
+        .iter()
+        .filter(|i| i.instance_name == "team-a")
+        .cloned()
+        .collect();
+    assert_eq!(list(mine("team-a"), 100).await, team_a, "{name}");
+    assert_eq!(list(mine("team-b"), 100).await.len(), 1, "{name}");
+    assert_eq!(
+        list(InvocationQuery::default(), 1000).await,
+        newest,
+        "{name}"
+    );
+    // Paged by cursor, one at a time, the same list.
+    let mut paged = Vec::new();
+    let mut q = mine("team-a");
+    loop {
+        let page = store.list_invocations(&q, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        q.after = Some(Cursor::of(last));
+        paged.extend(
+            page.into_iter()
+                .filter(|i| i.invocation_id.starts_with(tag)),
+        );
+    }
+    assert_eq!(paged, team_a, "{name}");
+    // Filters.
+    let by = |f: &dyn Fn(&mut InvocationQuery)| {
+        let mut q = mine("team-a");
+        f(&mut q);
+        q
+    };
+    let tests = list(by(&|q| q.command = Some("test".into())), 100).await;
+    assert_eq!(tests.len(), 2, "{name}");
+    assert!(tests.iter().all(|i| i.command == "test"));
+    let failed = list(by(&|q| q.state = Some(gg::InvocationState::Failed)), 100).await;
+    assert_eq!(failed.len(), 4, "{name}");
+    assert!(
+        list(by(&|q| q.state = Some(gg::InvocationState::Running)), 100)
+            .await
+            .is_empty()
+    );
+    let user = expected[0].user.clone();
+    assert_eq!(
+        list(by(&|q| q.user = Some(user.clone())), 100).await.len(),
+        4
+    );
+    assert!(list(by(&|q| q.user = Some("nobody".into())), 100)
+        .await
+        .is_empty());
+    assert_eq!(
+        list(by(&|q| q.pattern = Some(":sharded".into())), 100)
+            .await
+            .len(),
+        2,
+        "{name}"
+    );
+    let md = |k: &str, v: &str| (k.to_string(), v.to_string());
+    assert_eq!(
+        list(
+            by(&|q| q.metadata = vec![md("REPO", "example/repo"), md("COMMIT", "abc123")]),
+            100
+        )
+        .await
+        .len(),
+        4,
+        "{name}"
+    );
+    assert!(list(by(&|q| q.metadata = vec![md("REPO", "other")]), 100)
+        .await
+        .is_empty());
+    let b = expected[1].build_id.clone();
+    assert_eq!(
+        list(by(&|q| q.build_id = Some(b.clone())), 100).await,
+        vec![expected[1].clone()]
+    );
+    let t = expected[2].start_time_millis;
+    let since = list(by(&|q| q.started_after = Some(t)), 100).await;
+    assert!(since.iter().all(|i| i.start_time_millis >= t) && !since.is_empty());
+    let before = list(by(&|q| q.started_before = Some(t)), 100).await;
+    assert!(before.iter().all(|i| i.start_time_millis < t));
+    assert_eq!(since.len() + before.len(), team_a.len(), "{name}");
+}
+
+#[tokio::test]
+async fn memory_store_invocations() {
+    invocations_conformance(Arc::new(memory::MemoryStore::new(64 << 20)), "mem").await;
+}
+
+#[tokio::test]
+async fn file_store_invocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        file::FileStore::open(&dir.path().join("e.redb"))
+            .await
+            .unwrap(),
+    );
+    invocations_conformance(store, "file").await;
+}
+
+#[tokio::test]
+async fn postgres_store_invocations() {
+    let Some((url, _schema)) = postgres_schema("invocations").await else {
+        return;
+    };
+    let store = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
+    invocations_conformance(store, "pg").await;
+}
