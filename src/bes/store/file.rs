@@ -601,8 +601,22 @@ impl EventStore for FileStore {
             let txn = db.begin_read().map_err(|e| internal("read", e))?;
             let streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
             let mut out = Vec::new();
-            for row in streams.iter().map_err(|e| internal("read", e))? {
+            // Keys are ordered by build id: an anchored pattern's literal
+            // prefix reads only the range of build ids that start with it.
+            let prefix = super::build_id_prefix(pattern.as_str());
+            let rows = match &prefix {
+                Some(p) => streams.range((p.as_str(), "", i32::MIN, "")..),
+                None => streams.iter(),
+            }
+            .map_err(|e| internal("read", e))?;
+            for row in rows {
                 let (k, v) = row.map_err(|e| internal("read", e))?;
+                if prefix
+                    .as_deref()
+                    .is_some_and(|p| !k.value().0.starts_with(p))
+                {
+                    break;
+                }
                 let (info, _) = stream_info(k.value(), v.value())?;
                 if instance.as_deref().is_none_or(|i| info.key.instance == i)
                     && pattern.is_match(&info.key.query_key())

@@ -402,6 +402,39 @@ pub(crate) fn check_event(
     }
 }
 
+/// The literal text every build id a pattern can match starts with, when the
+/// pattern is anchored at the start (`^…`) and has no alternation: the
+/// pattern's leading literal characters up to the first `.` of the key (a
+/// key is `{build_id}.{component}.{invocation_id}`, so a key starting with a
+/// text that holds no `.` has a build id starting with it).
+pub(crate) fn build_id_prefix(pattern: &str) -> Option<String> {
+    let rest = pattern.strip_prefix('^')?;
+    if pattern.contains('|') {
+        return None;
+    }
+    let mut out = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        let literal = match c {
+            '\\' => match chars.next() {
+                Some(e) if e.is_ascii_punctuation() => e,
+                _ => break, // \d, \w, \b, ...: not a literal
+            },
+            '.' | '[' | ']' | '(' | ')' | '{' | '}' | '*' | '+' | '?' | '^' | '$' => break,
+            c => c,
+        };
+        // A quantifier after it makes the character optional or repeated.
+        if matches!(chars.peek(), Some('*' | '?' | '{' | '+')) {
+            break;
+        }
+        if literal == '.' {
+            break;
+        }
+        out.push(literal);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// What [`check_event`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {

@@ -28,8 +28,8 @@ use regex::Regex;
 use tokio_postgres::NoTls;
 
 use super::{
-    check_event, EventFilter, EventStore, InvocationQuery, Outcome, Published, Step, StoreError,
-    StoreStats, StoredEvent, StreamInfo,
+    build_id_prefix, check_event, EventFilter, EventStore, InvocationQuery, Outcome, Published,
+    Step, StoreError, StoreStats, StoredEvent, StreamInfo,
 };
 use crate::bes::event::{EventKind, Prepared, StreamKey};
 use crate::bes::invocation::{model, Fact, InvocationKey};
@@ -391,11 +391,16 @@ impl PostgresStore {
         instance: Option<&str>,
     ) -> Result<Vec<StreamInfo>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
+        // A pattern anchored at the start with a literal prefix reads only
+        // the build ids with that prefix (an index range); others read every
+        // stream key. The regex decides in the end either way.
+        let like = build_id_prefix(pattern.as_str()).map(|p| format!("{}%", like_escape(&p)));
         let rows = client
             .query(
                 "SELECT build_id, invocation_id, component, instance, last_seq, finished
-                 FROM bes_streams WHERE $1::TEXT IS NULL OR instance = $1",
-                &[&instance],
+                 FROM bes_streams WHERE ($1::TEXT IS NULL OR instance = $1)
+                   AND ($2::TEXT IS NULL OR build_id LIKE $2)",
+                &[&instance, &like],
             )
             .await
             .map_err(|e| pg_error("listing streams", e))?;
@@ -485,6 +490,18 @@ impl PostgresStore {
             })
             .collect())
     }
+}
+
+/// `s` with LIKE's wildcards (and its escape character) escaped.
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Applies newly stored events of `stream` to the invocation they feed, in
@@ -1171,5 +1188,66 @@ mod backfill_tests {
             targets.into_values().collect::<Vec<_>>()
         );
         assert_eq!(store.backfill().await.unwrap(), 0, "nothing left");
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::*;
+
+    #[test]
+    fn anchored_patterns_give_the_build_id_prefix_they_require() {
+        let p = |s: &str| build_id_prefix(s);
+        assert_eq!(p("^5f1c"), Some("5f1c".into()));
+        assert_eq!(
+            p("^abc\\.3\\."),
+            Some("abc".into()),
+            "stops at the key's first dot"
+        );
+        assert_eq!(p("^a\\-b_c.*"), Some("a-b_c".into()));
+        assert_eq!(
+            p("^abc?"),
+            Some("ab".into()),
+            "an optional character is not required"
+        );
+        assert_eq!(p("^ab*"), Some("a".into()));
+        assert_eq!(p("^ab{2}"), Some("a".into()));
+        assert_eq!(p("^[ab]c"), None);
+        assert_eq!(p("^\\dabc"), None);
+        assert_eq!(p("abc"), None, "not anchored");
+        assert_eq!(p("^abc|^x"), None, "alternation");
+        assert_eq!(p("(?i)^abc"), None);
+        assert_eq!(p("^"), None);
+        assert_eq!(like_escape("a%b_c\\d"), "a\\%b\\_c\\\\d");
+    }
+
+    /// The prefix condition can be answered from the stream key index.
+    #[tokio::test]
+    async fn a_build_id_prefix_query_can_use_the_index() {
+        let Some((url, _schema)) = crate::bes::store::tests::postgres_schema("prefix").await else {
+            return;
+        };
+        let _store = PostgresStore::connect(&url).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute("SET enable_seqscan = off")
+            .await
+            .unwrap();
+        let plan: Vec<String> = client
+            .query(
+                "EXPLAIN SELECT build_id FROM bes_streams
+                 WHERE ($1::TEXT IS NULL OR instance = $1) AND ($2::TEXT IS NULL OR build_id LIKE $2)",
+                &[&None::<String>, &Some("abc%")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            plan.iter().any(|l| l.contains("bes_streams_key")),
+            "{plan:#?}"
+        );
     }
 }
