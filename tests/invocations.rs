@@ -495,3 +495,69 @@ async fn invocations_read_back_as_bazel_reported_them_postgres_store() {
     )
     .await;
 }
+
+/// With short retention ages, a build whose stream stopped halfway reads as
+/// abandoned, and then everything past its age is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_build_is_abandoned_and_old_builds_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = loopback_config(
+        "",
+        "build-events:\n  store: { file: events.redb }\n  retention: { max-age: 6s, abandoned-after: 2s }\n",
+    );
+    let server = TestServer::start(&yaml, dir.path()).await;
+    let ch = plain_channel(server.tcp()).await;
+    let a = Publisher {
+        channel: ch.clone(),
+        token: String::new(),
+        project: "team-a".into(),
+        build: "retained-build".into(),
+        invocation: "retained-inv".into(),
+    };
+    let payloads = recorded("bazel-4.2.3/test.bin");
+    a.tool(&payloads[..payloads.len() / 2], 1, false).await;
+    let get = || {
+        let mut c = InvocationsClient::new(ch.clone());
+        async move {
+            c.get_invocation(gg::GetInvocationRequest {
+                instance_name: "team-a".into(),
+                invocation_id: "retained-inv".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let state = get()
+        .await
+        .unwrap()
+        .into_inner()
+        .invocation
+        .unwrap()
+        .state();
+    assert_eq!(state, gg::InvocationState::Running);
+    let started = std::time::Instant::now();
+    let mut abandoned_at = None;
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        match get().await {
+            Ok(r) => {
+                let s = r.into_inner().invocation.unwrap().state();
+                if s == gg::InvocationState::Abandoned && abandoned_at.is_none() {
+                    abandoned_at = Some(started.elapsed());
+                }
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::NotFound, "{e:?}");
+                let abandoned = abandoned_at.expect("abandoned before it was deleted");
+                assert!(
+                    abandoned >= std::time::Duration::from_secs(2),
+                    "{abandoned:?}"
+                );
+                assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+                server.stop().await;
+                return;
+            }
+        }
+    }
+    panic!("not deleted within 30 s (abandoned at {abandoned_at:?})");
+}

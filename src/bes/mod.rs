@@ -8,6 +8,8 @@
 //! - [`store`]: the store interface and its memory, file and PostgreSQL backends;
 //! - [`event`]: stream keys, event kinds and the checks on every event;
 //! - [`redact`]: credentials overwritten before an event is stored;
+//! - [`retention`]: old streams deleted, silent invocations marked abandoned;
+//! - [`invocation`]: the Build Event Protocol decoded into invocations;
 //! - [`cli`]: `gridgate events query`.
 //!
 //! For the Gate's route table (gRPC path → ACL name, where the instance is):
@@ -26,6 +28,7 @@ pub mod invocation;
 pub mod publish;
 pub mod query;
 pub mod redact;
+pub mod retention;
 pub mod store;
 
 use std::sync::Arc;
@@ -54,6 +57,7 @@ impl BesServices {
     /// Opens the configured store (`build-events:`).
     pub async fn open(config: &Config) -> Result<BesServices, StoreError> {
         let store = store::open(&config.build_events).await?;
+        retention::spawn(&store, config.build_events_limits);
         Ok(BesServices::with_store(store, config))
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::{
     check_event, Cursor, EventFilter, EventStore, InvocationQuery, Outcome, Published, Step,
-    StoreError, StoreStats, StoredEvent, StreamInfo,
+    StoreError, StoreStats, StoredEvent, StreamInfo, Swept,
 };
 use crate::bes::event::{EventKind, Prepared, StreamKey};
 use crate::bes::invocation::{model, InvocationKey};
@@ -49,6 +49,13 @@ const LISTING_BY_INSTANCE: TableDefinition<(&str, i64, &str), ()> =
     TableDefinition::new("bes_inv_listing_by_instance");
 /// Targets by (instance, invocation id, label) → encoded `gridgate.v1.Target`.
 const TARGETS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("bes_targets");
+/// Streams by the time their last event was stored: (ms, stream number) →
+/// the stream's key. A row older than its stream's record is stale (the
+/// stream was written since) and is dropped when met.
+const STREAM_AGE: TableDefinition<(i64, u64), (&str, &str, i32, &str)> =
+    TableDefinition::new("bes_stream_age");
+/// Running invocations: (instance, invocation id) → when their last event was stored (ms).
+const RUNNING: TableDefinition<(&str, &str), i64> = TableDefinition::new("bes_inv_running");
 /// Console output by (instance, invocation id, byte offset) → text.
 const LOGS: TableDefinition<(&str, &str, i64), &[u8]> = TableDefinition::new("bes_logs");
 
@@ -75,6 +82,9 @@ struct StreamRecord {
     last_seq: i64,
     #[prost(bool, tag = "4")]
     finished: bool,
+    /// When its last event was stored (ms since the epoch; 0 before schema 3).
+    #[prost(int64, tag = "5")]
+    updated_ms: i64,
 }
 
 /// An event as stored.
@@ -216,6 +226,8 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
         tracing::info!(path = %path.display(), "build events: file store migrated to schema 2");
     }
     InvocationTables::open(&txn)?;
+    txn.open_table(STREAM_AGE)
+        .map_err(|e| internal("table", e))?;
     if version < 3 {
         let n = backfill_invocations(&txn)?;
         tracing::info!(path = %path.display(), invocations = n, "build events: file store migrated to schema 3 (invocations indexed)");
@@ -231,6 +243,7 @@ struct InvocationTables<'t> {
     by_instance: redb::Table<'t, (&'static str, i64, &'static str), ()>,
     targets: redb::Table<'t, (&'static str, &'static str, &'static str), &'static [u8]>,
     logs: redb::Table<'t, (&'static str, &'static str, i64), &'static [u8]>,
+    running: redb::Table<'t, (&'static str, &'static str), i64>,
 }
 
 fn corrupt(what: &str, e: prost::DecodeError) -> StoreError {
@@ -246,6 +259,7 @@ impl<'t> InvocationTables<'t> {
             by_instance: txn.open_table(LISTING_BY_INSTANCE).map_err(t)?,
             targets: txn.open_table(TARGETS).map_err(t)?,
             logs: txn.open_table(LOGS).map_err(t)?,
+            running: txn.open_table(RUNNING).map_err(t)?,
         })
     }
 
@@ -307,8 +321,140 @@ impl<'t> InvocationTables<'t> {
                 .insert((i, id, *offset), text.as_ref())
                 .map_err(|e| internal("write", e))?;
         }
+        if update.invocation.state() == gg::InvocationState::Running {
+            self.running
+                .insert((i, id), super::now_millis())
+                .map_err(|e| internal("write", e))?;
+        } else {
+            self.running
+                .remove((i, id))
+                .map_err(|e| internal("write", e))?;
+        }
         Ok(())
     }
+
+    /// Deletes an invocation and everything it holds.
+    fn delete(&mut self, key: &InvocationKey) -> Result<(), StoreError> {
+        let (i, id) = (key.instance.as_str(), key.invocation_id.as_str());
+        let w = |e| internal("write", e);
+        if let Some(v) = self.invocations.remove((i, id)).map_err(w)? {
+            let inv = gg::Invocation::decode(v.value()).map_err(|e| corrupt("invocation", e))?;
+            let start = inv.start_time_millis;
+            self.listing.remove((start, i, id)).map_err(w)?;
+            self.by_instance.remove((i, start, id)).map_err(w)?;
+        }
+        let rest: Vec<String> = self
+            .targets
+            .range((i, id, "")..)
+            .map_err(|e| internal("read", e))?
+            .map_while(|r| {
+                let (k, _) = r.ok()?;
+                let (ki, kid, label) = k.value();
+                (ki == i && kid == id).then(|| label.to_string())
+            })
+            .collect();
+        for label in rest {
+            self.targets.remove((i, id, label.as_str())).map_err(w)?;
+        }
+        self.logs
+            .retain_in((i, id, i64::MIN)..=(i, id, i64::MAX), |_, _| false)
+            .map_err(w)?;
+        self.running.remove((i, id)).map_err(w)?;
+        Ok(())
+    }
+}
+
+/// One step of retention in one write transaction (see [`EventStore::sweep`]).
+fn sweep(
+    db: &Database,
+    expire_before: Option<i64>,
+    abandon_before: Option<i64>,
+    batch: usize,
+) -> Result<Swept, StoreError> {
+    let txn = db.begin_write().map_err(|e| internal("write", e))?;
+    let mut out = Swept::default();
+    {
+        let w = |e| internal("write", e);
+        let mut streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
+        let mut events = txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
+        let mut age = txn
+            .open_table(STREAM_AGE)
+            .map_err(|e| internal("table", e))?;
+        let mut inv = InvocationTables::open(&txn)?;
+        if let Some(before) = expire_before {
+            // (age row, the stream's key as owned strings)
+            type Due = ((i64, u64), (String, String, i32, String));
+            let mut old: Vec<Due> = Vec::new();
+            for row in age
+                .range((i64::MIN, 0)..(before, 0))
+                .map_err(|e| internal("read", e))?
+                .take(batch)
+            {
+                let (k, v) = row.map_err(|e| internal("read", e))?;
+                let (b, iv, c, inst) = v.value();
+                old.push((k.value(), (b.into(), iv.into(), c, inst.into())));
+            }
+            for ((at, id), (b, iv, c, inst)) in old {
+                age.remove((at, id)).map_err(w)?;
+                let key = (b.as_str(), iv.as_str(), c, inst.as_str());
+                let current = match streams.get(key).map_err(|e| internal("read", e))? {
+                    Some(v) => StreamRecord::decode(v.value()).map_err(|e| corrupt("stream", e))?,
+                    None => continue,
+                };
+                if current.id != id || current.updated_ms > at {
+                    continue; // Written since: a newer row stands for it.
+                }
+                streams.remove(key).map_err(w)?;
+                events
+                    .retain_in((id, i64::MIN)..=(id, i64::MAX), |_, _| false)
+                    .map_err(w)?;
+                if !iv.is_empty() {
+                    inv.delete(&InvocationKey {
+                        instance: inst.clone(),
+                        invocation_id: iv.clone(),
+                    })?;
+                }
+                out.deleted_streams += 1;
+            }
+        }
+        if let Some(before) = abandon_before {
+            let mut silent = Vec::new();
+            for row in inv.running.iter().map_err(|e| internal("read", e))? {
+                let (k, v) = row.map_err(|e| internal("read", e))?;
+                if v.value() < before {
+                    let (i, id) = k.value();
+                    silent.push((i.to_string(), id.to_string()));
+                    if silent.len() >= batch {
+                        break;
+                    }
+                }
+            }
+            for (i, id) in silent {
+                inv.running.remove((i.as_str(), id.as_str())).map_err(w)?;
+                let Some(v) = inv
+                    .invocations
+                    .get((i.as_str(), id.as_str()))
+                    .map_err(|e| internal("read", e))?
+                    .map(|v| v.value().to_vec())
+                else {
+                    continue;
+                };
+                let mut summary =
+                    gg::Invocation::decode(v.as_slice()).map_err(|e| corrupt("invocation", e))?;
+                if model::abandon(&mut summary) {
+                    inv.invocations
+                        .insert(
+                            (i.as_str(), id.as_str()),
+                            summary.encode_to_vec().as_slice(),
+                        )
+                        .map_err(w)?;
+                    out.abandoned += 1;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(|e| internal("commit", e))?;
+    Ok(out)
 }
 
 /// Schema 2 → 3: builds the invocations of the events already stored, stream
@@ -316,11 +462,18 @@ impl<'t> InvocationTables<'t> {
 fn backfill_invocations(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
     let streams = txn.open_table(STREAMS).map_err(|e| internal("table", e))?;
     let events = txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
+    let mut age = txn
+        .open_table(STREAM_AGE)
+        .map_err(|e| internal("table", e))?;
     let mut tables = InvocationTables::open(txn)?;
+    let now = super::now_millis();
     let mut n = 0;
     for row in streams.iter().map_err(|e| internal("read", e))? {
         let (k, v) = row.map_err(|e| internal("read", e))?;
         let (info, id) = stream_info(k.value(), v.value())?;
+        // Its age counts from now: when it was written is not recorded.
+        age.insert((now, id), db_key(&info.key))
+            .map_err(|e| internal("write", e))?;
         if InvocationKey::of(&info.key).is_none() {
             continue;
         }
@@ -428,6 +581,9 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
         let mut events = txn.open_table(EVENTS).map_err(|e| internal("table", e))?;
         let mut meta = txn.open_table(META).map_err(|e| internal("table", e))?;
         let mut invocations = InvocationTables::open(&txn)?;
+        let mut age = txn
+            .open_table(STREAM_AGE)
+            .map_err(|e| internal("table", e))?;
         for job in group {
             let mut out = Published::default();
             let mut stored: Vec<&Prepared> = Vec::new();
@@ -497,11 +653,19 @@ fn apply(db: &Database, group: &[Job]) -> Result<Vec<Published>, StoreError> {
                 out.outcomes.push(Outcome::Stored);
             }
             if let (true, Some(info), Some(id)) = (changed, &state, id) {
+                let now = super::now_millis();
+                if let Some(r) = &record {
+                    age.remove((r.updated_ms, id))
+                        .map_err(|e| internal("write", e))?;
+                }
+                age.insert((now, id), key)
+                    .map_err(|e| internal("write", e))?;
                 let srec = StreamRecord {
                     id,
                     instance: String::new(),
                     last_seq: info.last_seq,
                     finished: info.finished,
+                    updated_ms: now,
                 };
                 streams
                     .insert(key, srec.encode_to_vec().as_slice())
@@ -683,6 +847,18 @@ impl EventStore for FileStore {
             duplicate_events: self.counters.duplicates.load(Ordering::Relaxed),
             ..StoreStats::default()
         }
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> BoxFuture<'a, Result<Swept, StoreError>> {
+        // Its own small write transaction: the writer thread's next group
+        // waits for it at most one batch long.
+        self.read(move |db| sweep(db, expire_before, abandon_before, batch))
+            .boxed()
     }
 
     fn list_invocations<'a>(
@@ -885,6 +1061,7 @@ mod tests {
                         instance: owner.to_string(),
                         last_seq: 2,
                         finished: n == 0,
+                        updated_ms: 0,
                     };
                     streams
                         .insert((*build, "inv", 3), rec.encode_to_vec().as_slice())

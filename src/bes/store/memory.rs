@@ -15,8 +15,8 @@ use futures_util::future::{BoxFuture, FutureExt};
 use regex::Regex;
 
 use super::{
-    check_event, Cursor, EventFilter, EventStore, InvocationQuery, Outcome, Published, Rejection,
-    Step, StoreError, StoreStats, StoredEvent, StreamInfo,
+    check_event, now_millis, Cursor, EventFilter, EventStore, InvocationQuery, Outcome, Published,
+    Rejection, Step, StoreError, StoreStats, StoredEvent, StreamInfo, Swept,
 };
 use crate::bes::event::{Prepared, StreamKey};
 use crate::bes::invocation::{model, InvocationKey};
@@ -51,6 +51,8 @@ struct Inner {
 /// An invocation as the memory store keeps it.
 #[derive(Default)]
 struct Invocation {
+    /// When its last event was stored (ms since the epoch).
+    updated_ms: i64,
     summary: gg::Invocation,
     targets: BTreeMap<String, gg::Target>,
     log: Vec<(i64, Bytes)>,
@@ -64,6 +66,8 @@ struct Stream {
     bytes: u64,
     /// Its key in `finished` or `active`.
     tick: u64,
+    /// When its last event was stored (ms since the epoch).
+    updated_ms: i64,
 }
 
 impl MemoryStore {
@@ -161,6 +165,7 @@ impl Inner {
             return;
         };
         let inv = self.invocations.entry(key).or_default();
+        inv.updated_ms = now_millis();
         self.listing.remove(&Cursor::of(&inv.summary));
         inv.summary = update.invocation;
         self.listing.insert(Cursor::of(&inv.summary));
@@ -177,6 +182,52 @@ impl Inner {
         }
     }
 
+    /// Removes a stream (and the invocation it fed), freeing its bytes.
+    fn remove_stream(&mut self, key: &StreamKey) -> Option<Stream> {
+        let s = self.streams.remove(key)?;
+        self.drop_invocation(key);
+        self.finished.remove(&s.tick);
+        self.active.remove(&s.tick);
+        self.bytes -= s.bytes;
+        Some(s)
+    }
+
+    /// Deletes up to `batch` streams last written before `before`, oldest
+    /// first (ticks follow write order, so each queue is oldest first).
+    fn expire(&mut self, before: i64, batch: usize) -> u64 {
+        let mut victims = Vec::new();
+        for queue in [&self.finished, &self.active] {
+            for k in queue.values() {
+                if victims.len() >= batch {
+                    break;
+                }
+                match self.streams.get(k) {
+                    Some(s) if s.updated_ms < before => victims.push(k.clone()),
+                    _ => break,
+                }
+            }
+        }
+        victims.truncate(batch);
+        victims
+            .iter()
+            .filter(|k| self.remove_stream(k).is_some())
+            .count() as u64
+    }
+
+    /// Marks running invocations silent since before `before` abandoned.
+    fn abandon(&mut self, before: i64, batch: usize) -> u64 {
+        let mut n = 0;
+        for inv in self.invocations.values_mut() {
+            if n as usize >= batch {
+                break;
+            }
+            if inv.updated_ms < before && model::abandon(&mut inv.summary) {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Evicts streams until `cost` more bytes fit; false if they cannot.
     fn make_room(&mut self, cost: u64, budget: u64, writing: &StreamKey) -> bool {
         while self.bytes + cost > budget {
@@ -187,11 +238,7 @@ impl Inner {
                 .find(|(_, k)| *k != writing)
                 .map(|(_, k)| k.clone());
             let Some(victim) = victim else { return false };
-            if let Some(s) = self.streams.remove(&victim) {
-                self.drop_invocation(&victim);
-                self.finished.remove(&s.tick);
-                self.active.remove(&s.tick);
-                self.bytes -= s.bytes;
+            if let Some(s) = self.remove_stream(&victim) {
                 self.stats.evicted_streams += 1;
                 tracing::info!(
                     stream = %victim,
@@ -225,10 +272,12 @@ impl Inner {
                     events: Vec::new(),
                     bytes: 0,
                     tick,
+                    updated_ms: now_millis(),
                 })
             }
         };
         stream.bytes += cost;
+        stream.updated_ms = now_millis();
         stream.events.push(StoredEvent {
             seq: event.seq,
             kind: event.kind,
@@ -325,6 +374,21 @@ impl EventStore for MemoryStore {
             bytes: inner.bytes,
             ..inner.stats.clone()
         }
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> BoxFuture<'a, Result<Swept, StoreError>> {
+        let mut inner = self.lock();
+        let out = Swept {
+            deleted_streams: expire_before.map_or(0, |t| inner.expire(t, batch)),
+            abandoned: abandon_before.map_or(0, |t| inner.abandon(t, batch)),
+        };
+        drop(inner);
+        async move { Ok(out) }.boxed()
     }
 
     fn list_invocations<'a>(

@@ -243,6 +243,18 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>>;
 
+    /// One step of retention: deletes up to `batch` streams (with their
+    /// events and the invocations they feed) whose last event was stored
+    /// before `expire_before` (ms since the epoch, by this server's clock),
+    /// and marks invocations still running whose last event was stored
+    /// before `abandon_before` as abandoned (up to `batch`).
+    fn sweep<'a>(
+        &'a self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> BoxFuture<'a, Result<Swept, StoreError>>;
+
     /// The console output chunks (offset, text) of an invocation that hold
     /// bytes at or after `offset`, in order, until about `limit` bytes.
     fn get_log<'a>(
@@ -251,6 +263,22 @@ pub trait EventStore: Send + Sync + 'static {
         offset: i64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>>;
+}
+
+/// What one [`EventStore::sweep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Streams deleted (past the maximum age).
+    pub deleted_streams: u64,
+    /// Invocations marked abandoned.
+    pub abandoned: u64,
+}
+
+/// Now, in milliseconds since the Unix epoch (the stores' clock for ages).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Which invocations [`EventStore::list_invocations`] returns. Every set

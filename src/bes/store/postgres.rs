@@ -29,7 +29,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     build_id_prefix, check_event, EventFilter, EventStore, InvocationQuery, Outcome, Published,
-    Step, StoreError, StoreStats, StoredEvent, StreamInfo,
+    Step, StoreError, StoreStats, StoredEvent, StreamInfo, Swept,
 };
 use crate::bes::event::{EventKind, Prepared, StreamKey};
 use crate::bes::invocation::{model, Fact, InvocationKey};
@@ -81,6 +81,11 @@ CREATE UNIQUE INDEX bes_streams_key
     r#"
 ALTER TABLE bes_streams ADD COLUMN indexed BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE INDEX bes_streams_unindexed ON bes_streams (id) WHERE NOT indexed;
+-- When the stream's last event was stored (ms since the epoch), for retention;
+-- streams from before count from their creation.
+ALTER TABLE bes_streams ADD COLUMN updated_ms BIGINT NOT NULL DEFAULT 0;
+UPDATE bes_streams SET updated_ms = (extract(epoch FROM created_at) * 1000)::BIGINT;
+CREATE INDEX bes_streams_updated ON bes_streams (updated_ms);
 CREATE TABLE bes_invocations (
     instance      TEXT COLLATE "C" NOT NULL,
     invocation_id TEXT COLLATE "C" NOT NULL,
@@ -92,6 +97,7 @@ CREATE TABLE bes_invocations (
     patterns      TEXT[] NOT NULL,
     metadata      TEXT[] NOT NULL,  -- build metadata as KEY=VALUE
     last_event_ms BIGINT NOT NULL,
+    updated_ms    BIGINT NOT NULL,
     body          BYTEA NOT NULL,
     PRIMARY KEY (instance, invocation_id)
 );
@@ -99,7 +105,7 @@ CREATE INDEX bes_invocations_listing ON bes_invocations (started_ms, instance, i
 CREATE INDEX bes_invocations_instance_listing
     ON bes_invocations (instance, started_ms, invocation_id);
 CREATE INDEX bes_invocations_build ON bes_invocations (build_id);
-CREATE INDEX bes_invocations_running ON bes_invocations (last_event_ms) WHERE state = 1;
+CREATE INDEX bes_invocations_running ON bes_invocations (updated_ms) WHERE state = 1;
 CREATE TABLE bes_targets (
     instance      TEXT COLLATE "C" NOT NULL,
     invocation_id TEXT COLLATE "C" NOT NULL,
@@ -369,13 +375,17 @@ impl PostgresStore {
             if before.as_ref() != Some(info) {
                 let update = tx
                     .prepare_cached(
-                        "UPDATE bes_streams SET last_seq = $2, finished = $3 WHERE id = $1",
+                        "UPDATE bes_streams SET last_seq = $2, finished = $3, updated_ms = $4
+                         WHERE id = $1",
                     )
                     .await
                     .map_err(|e| pg_error("updating the stream", e))?;
-                tx.execute(&update, &[&id, &info.last_seq, &info.finished])
-                    .await
-                    .map_err(|e| pg_error("updating the stream", e))?;
+                tx.execute(
+                    &update,
+                    &[&id, &info.last_seq, &info.finished, &super::now_millis()],
+                )
+                .await
+                .map_err(|e| pg_error("updating the stream", e))?;
             }
         }
         tx.commit().await.map_err(|e| pg_error("commit", e))?;
@@ -524,8 +534,8 @@ async fn update_invocation(
     let create = tx
         .prepare_cached(
             "INSERT INTO bes_invocations (instance, invocation_id, build_id, started_ms, state,
-                 user_name, command, patterns, metadata, last_event_ms, body)
-             VALUES ($1, $2, $3, 0, 0, '', '', '{}', '{}', 0, '')
+                 user_name, command, patterns, metadata, last_event_ms, updated_ms, body)
+             VALUES ($1, $2, $3, 0, 0, '', '', '{}', '{}', 0, 0, '')
              ON CONFLICT (instance, invocation_id) DO NOTHING",
         )
         .await
@@ -583,7 +593,8 @@ async fn update_invocation(
     let write = tx
         .prepare_cached(
             "UPDATE bes_invocations SET build_id = $3, started_ms = $4, state = $5, user_name = $6,
-                 command = $7, patterns = $8, metadata = $9, last_event_ms = $10, body = $11
+                 command = $7, patterns = $8, metadata = $9, last_event_ms = $10, body = $11,
+                 updated_ms = $12
              WHERE instance = $1 AND invocation_id = $2",
         )
         .await
@@ -602,6 +613,7 @@ async fn update_invocation(
             &metadata,
             &inv.last_event_millis,
             &inv.encode_to_vec(),
+            &super::now_millis(),
         ],
     )
     .await
@@ -754,6 +766,88 @@ impl PostgresStore {
                 done += 1;
             }
         }
+    }
+
+    /// [`EventStore::sweep`]: one transaction per step, rows taken with
+    /// `SKIP LOCKED` so a stream being published is left for the next sweep.
+    async fn sweep_once(
+        &self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> Result<Swept, StoreError> {
+        let mut out = Swept::default();
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        let e = |e| pg_error("retention", e);
+        if let Some(before) = expire_before {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(e)?;
+            let gone = tx
+                .query(
+                    "WITH victims AS (
+                         SELECT id FROM bes_streams WHERE updated_ms < $1
+                         ORDER BY updated_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     DELETE FROM bes_streams s USING victims v WHERE s.id = v.id
+                     RETURNING s.instance, s.invocation_id",
+                    &[&before, &limit],
+                )
+                .await
+                .map_err(e)?;
+            out.deleted_streams = gone.len() as u64;
+            let (insts, ids): (Vec<String>, Vec<String>) = gone
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .filter(|(_, id)| !id.is_empty())
+                .unzip();
+            if !ids.is_empty() {
+                for table in ["bes_invocations", "bes_targets", "bes_logs"] {
+                    tx.execute(
+                        &format!(
+                            "DELETE FROM {table} t USING UNNEST($1::TEXT[], $2::TEXT[]) AS k(i, id)
+                             WHERE t.instance = k.i AND t.invocation_id = k.id"
+                        ),
+                        &[&insts, &ids],
+                    )
+                    .await
+                    .map_err(e)?;
+                }
+            }
+            tx.commit().await.map_err(e)?;
+        }
+        if let Some(before) = abandon_before {
+            let mut client = self.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await.map_err(e)?;
+            let rows = tx
+                .query(
+                    "SELECT instance, invocation_id, body FROM bes_invocations
+                     WHERE state = 1 AND updated_ms < $1 LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    &[&before, &limit],
+                )
+                .await
+                .map_err(e)?;
+            for r in rows {
+                let mut inv = gg::Invocation::decode(r.get::<_, &[u8]>(2))
+                    .map_err(|e| StoreError::Internal(format!("corrupt invocation record: {e}")))?;
+                if !model::abandon(&mut inv) {
+                    continue;
+                }
+                tx.execute(
+                    "UPDATE bes_invocations SET state = $3, body = $4
+                     WHERE instance = $1 AND invocation_id = $2",
+                    &[
+                        &r.get::<_, String>(0),
+                        &r.get::<_, String>(1),
+                        &(inv.state as i16),
+                        &inv.encode_to_vec(),
+                    ],
+                )
+                .await
+                .map_err(e)?;
+                out.abandoned += 1;
+            }
+            tx.commit().await.map_err(e)?;
+        }
+        Ok(out)
     }
 
     async fn invocations(
@@ -1041,6 +1135,16 @@ impl EventStore for PostgresStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>> {
         self.invocations(query, limit).boxed()
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> BoxFuture<'a, Result<Swept, StoreError>> {
+        self.sweep_once(expire_before, abandon_before, batch)
+            .boxed()
     }
 
     fn get_invocation<'a>(

@@ -743,3 +743,126 @@ async fn postgres_store_invocations() {
     let store = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
     invocations_conformance(store, "pg").await;
 }
+
+/// Retention against one store: streams past their age go with their events
+/// and invocations, in batches; a silent unfinished invocation is marked
+/// abandoned and runs again when its stream speaks.
+pub(crate) async fn retention_conformance(store: Arc<dyn EventStore>, tag: &str) {
+    use crate::bes::invocation::tests::{recorded, tool_stream_of};
+    use crate::bes::invocation::InvocationKey;
+    use crate::proto::gridgate::v1 as gg;
+
+    let store = &*store;
+    let name = store.backend();
+    let payloads = recorded("bazel-4.2.3/build.bin");
+    let keys: Vec<StreamKey> = (0..5)
+        .map(|i| key(&format!("{tag}-ret-{i}"), &format!("{tag}-ret-inv-{i}"), 3))
+        .collect();
+    for k in &keys {
+        let events = tool_stream_of(k, &payloads, 1_700_000_000);
+        store.publish_events(&events).await.unwrap();
+    }
+    // A half-published invocation: running.
+    let open = key(
+        &format!("{tag}-ret-open"),
+        &format!("{tag}-ret-open-inv"),
+        3,
+    );
+    let events = tool_stream_of(&open, &payloads, 1_700_000_000);
+    let half = events.len() / 2;
+    store.publish_events(&events[..half]).await.unwrap();
+    let open_inv = InvocationKey::of(&open).unwrap();
+    let state = |k: &InvocationKey| {
+        let k = k.clone();
+        async move { store.get_invocation(&k).await.unwrap().map(|i| i.state()) }
+    };
+    assert_eq!(state(&open_inv).await, Some(gg::InvocationState::Running));
+
+    // Nothing is due yet.
+    let past = now_millis() - 60_000;
+    let s = store.sweep(Some(past), Some(past), 2).await.unwrap();
+    assert_eq!(s, Swept::default(), "{name}");
+
+    // Abandon: the running one only; finished ones stay as they are.
+    let soon = now_millis() + 60_000;
+    let s = store.sweep(None, Some(soon), 100).await.unwrap();
+    assert!(s.abandoned >= 1, "{name}: {s:?}");
+    assert_eq!(state(&open_inv).await, Some(gg::InvocationState::Abandoned));
+    let done = InvocationKey::of(&keys[0]).unwrap();
+    assert_eq!(state(&done).await, Some(gg::InvocationState::Failed));
+    // Its stream speaks again: running again.
+    store.publish_events(&events[half..half + 1]).await.unwrap();
+    assert_eq!(state(&open_inv).await, Some(gg::InvocationState::Running));
+
+    // Expire everything written so far, two streams per batch.
+    let mut deleted = 0;
+    loop {
+        let s = store.sweep(Some(soon), None, 2).await.unwrap();
+        assert!(s.deleted_streams <= 2, "{name}: {s:?}");
+        if s.deleted_streams == 0 {
+            break;
+        }
+        deleted += s.deleted_streams;
+    }
+    assert!(deleted >= 6, "{name}: {deleted}");
+    for k in keys.iter().chain([&open]) {
+        assert_eq!(store.get_stream(k).await.unwrap(), None, "{name}");
+        assert!(seqs(store, k).await.is_empty(), "{name}");
+        let ik = InvocationKey::of(k).unwrap();
+        assert_eq!(store.get_invocation(&ik).await.unwrap(), None, "{name}");
+        assert!(
+            store.get_targets(&ik, None, 10).await.unwrap().is_empty(),
+            "{name}"
+        );
+        assert!(
+            store.get_log(&ik, 0, 1 << 20).await.unwrap().is_empty(),
+            "{name}"
+        );
+    }
+    let listed = store
+        .list_invocations(&InvocationQuery::default(), 1000)
+        .await
+        .unwrap();
+    assert!(
+        !listed
+            .iter()
+            .any(|i| i.invocation_id.starts_with(&format!("{tag}-ret"))),
+        "{name}"
+    );
+    // A stream of the same key starts afresh.
+    let again = tool_stream_of(&keys[0], &payloads, 1_700_000_000);
+    let p = store.publish_events(&again[..3]).await.unwrap();
+    assert_eq!(p.outcomes, stored(3), "{name}");
+}
+
+#[tokio::test]
+async fn memory_store_retention() {
+    let store = Arc::new(memory::MemoryStore::new(64 << 20));
+    retention_conformance(store.clone(), "mem").await;
+    // Deleting frees the budget.
+    store
+        .sweep(Some(now_millis() + 60_000), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(store.stats().bytes, 0);
+}
+
+#[tokio::test]
+async fn file_store_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        file::FileStore::open(&dir.path().join("r.redb"))
+            .await
+            .unwrap(),
+    );
+    retention_conformance(store, "file").await;
+}
+
+#[tokio::test]
+async fn postgres_store_retention() {
+    let Some((url, _schema)) = postgres_schema("retention").await else {
+        return;
+    };
+    let store = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
+    retention_conformance(store, "pg").await;
+}
