@@ -17,6 +17,8 @@ const PROTOS: &[&str] = &[
     "google/devtools/build/v1/publish_build_event.proto",
     "build/buildgrid/query_build_events.proto",
     "gridgate/v1/build_events.proto",
+    "gridgate/v1/invocations.proto",
+    "build_event_stream/build_event_stream.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

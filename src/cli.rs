@@ -75,6 +75,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::bes::cli::EventsCommand,
     },
+    /// Read invocations (what happened in each build) from a running gateway.
+    Invocations {
+        #[command(subcommand)]
+        command: crate::bes::invocation::cli::InvocationsCommand,
+    },
     /// Helpers for development and trying gridgate out.
     Dev {
         #[command(subcommand)]
@@ -266,6 +271,7 @@ pub fn run(cli: Cli) -> ExitCode {
             &rpc,
         ),
         Command::Events { command } => crate::bes::cli::run(command),
+        Command::Invocations { command } => crate::bes::invocation::cli::run(command),
         Command::Dev {
             command:
                 DevCommand::Certs {

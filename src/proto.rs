@@ -44,6 +44,26 @@ pub mod gridgate {
     }
 }
 
+/// Bazel's Build Event Protocol (`bazel_event` payloads) and what it imports.
+pub mod build_event_stream {
+    tonic::include_proto!("build_event_stream");
+}
+pub mod command_line {
+    tonic::include_proto!("command_line");
+}
+pub mod failure_details {
+    tonic::include_proto!("failure_details");
+}
+pub mod options {
+    tonic::include_proto!("options");
+}
+pub mod blaze {
+    tonic::include_proto!("blaze");
+    pub mod invocation_policy {
+        tonic::include_proto!("blaze.invocation_policy");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every API in `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gridgate_descriptor.bin"));

@@ -3,12 +3,14 @@
 //! suite against the memory, file and PostgreSQL stores.
 
 mod common;
+#[path = "common/jwks_server.rs"]
+mod jwks_server;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{loopback_config, pg, plain_channel, run_binary, TestServer};
+use common::{loopback_config, pg, plain_channel, run_binary, with_token, TestServer};
 use gridgate::proto::build::buildgrid::{
     query_build_events_client::QueryBuildEventsClient, QueryEventStreamsRequest,
 };
@@ -401,33 +403,37 @@ async fn gaps_and_reordering(ch: &Channel) {
     assert_eq!(tool_seqs(ch, &build).await, (1..=10).collect::<Vec<_>>());
 }
 
-/// A stream belongs to the instance it was created under.
-async fn other_instance_refused(ch: &Channel) {
+/// Streams are keyed by instance: another instance's events for the same
+/// stream id go to that instance's own stream, and nothing in the answers
+/// tells either instance that the other's exists.
+async fn instances_do_not_share_streams(ch: &Channel) {
     let build = unique("own");
     let ts = sid(&build, "inv", TOOL);
     let (acks, end) = publish_stream(ch, tool_events(&ts, "team-a", 1, 3, 0)).await;
     end.unwrap();
     assert_eq!(acks, vec![1, 2, 3]);
+    // team-b continuing "team-a's" stream gets what any new stream gets
+    // when it does not start at 1: a gap.
     let (acks, end) = publish_stream(ch, tool_events(&ts, "team-b", 4, 5, 0)).await;
     assert!(acks.is_empty());
     let err = end.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        !err.message().contains("team-a"),
-        "the owner is not revealed: {}",
+        err.message().contains("must be number 1"),
+        "{}",
         err.message()
     );
-    // Even a retransmission of a stored event.
-    let (_, end) = publish_stream(ch, tool_events(&ts, "team-b", 1, 1, 0)).await;
-    assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
+    // Its own stream of that id starts at 1.
+    let (acks, end) = publish_stream(ch, tool_events(&ts, "team-b", 1, 2, 2)).await;
+    end.unwrap();
+    assert_eq!(acks, vec![1, 2]);
     let bs = sid(&build, "", CONTROLLER);
     publish_lifecycle(ch, lifecycle(&bs, 1, "team-a", enqueued()))
         .await
         .unwrap();
-    let err = publish_lifecycle(ch, lifecycle(&bs, 2, "team-b", build_finished()))
+    publish_lifecycle(ch, lifecycle(&bs, 1, "team-b", enqueued()))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+        .unwrap();
     // project_id may not change within one call: the Gate holds every later
     // message to the first one's instance and ends the call with
     // PERMISSION_DENIED after the messages before it; event 3 is never
@@ -444,7 +450,11 @@ async fn other_instance_refused(ch: &Channel) {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("project_id"), "{err:?}");
     assert!(!tool_seqs(ch, &other.build_id).await.contains(&3));
-    assert_eq!(tool_seqs(ch, &build).await, vec![1, 2, 3]);
+    // Both streams of `build`, each under its own instance.
+    let streams = query(ch, &format!("^{}\\.3\\.", regex_escape(&build))).await;
+    let mut lens: Vec<usize> = streams.iter().map(|(_, e)| e.len()).collect();
+    lens.sort_unstable();
+    assert_eq!(lens, vec![2, 3]);
 }
 
 /// Bad input gets a clear INVALID_ARGUMENT; what was acked before stays.
@@ -552,7 +562,7 @@ async fn suite(store_yaml: &str, dir: &Path) {
     bazel_like_build(&ch).await;
     retransmission(&ch).await;
     gaps_and_reordering(&ch).await;
-    other_instance_refused(&ch).await;
+    instances_do_not_share_streams(&ch).await;
     bad_input(&ch).await;
     preceding_lifecycle_events(&ch).await;
     server.stop().await;
@@ -577,6 +587,168 @@ async fn suite_postgres_store() {
     };
     let dir = tempfile::tempdir().unwrap();
     suite(
+        &format!("  store: {{ postgres: \"{}\" }}\n", schema.url),
+        dir.path(),
+    )
+    .await;
+}
+
+/// Team B publishes a lifecycle event for build X first (with its own
+/// credentials and instance); then team A publishes its whole build X. A's
+/// publish succeeds; each team's queries see only its own events, whether
+/// they name their instance or ask over every instance they may query.
+async fn squatting_a_build_id_blocks_nobody(store_yaml: &str, dir: &Path) {
+    let key = jwks_server::TestKey::hmac(
+        jsonwebtoken::Algorithm::HS256,
+        b"0123456789abcdef0123456789abcdef-bes-squat",
+    );
+    std::fs::write(dir.join("hmac.secret"), key.secret()).unwrap();
+    std::fs::write(
+        dir.join("acl.yaml"),
+        "team-a:\n  allow:\n    - actor: 'alice$'\nteam-b:\n  allow:\n    - actor: 'bob$'\n",
+    )
+    .unwrap();
+    let yaml = loopback_config(
+        "",
+        &format!(
+            "authorization:\n  method: jwt\n  algorithm: hs256\n  secret: hmac.secret\n  audience: gridgate\n  acl-config: acl.yaml\nbuild-events:\n{store_yaml}"
+        ),
+    );
+    let server = TestServer::start(&yaml, dir).await;
+    let ch = plain_channel(server.tcp()).await;
+    let token = |sub: &str| key.sign(&jwks_server::claims("https://ci.example", "gridgate", sub));
+    let (alice, bob) = (token("alice"), token("bob"));
+    let client = || PublishBuildEventClient::new(ch.clone());
+
+    let build = unique("squat");
+    let bs = sid(&build, "", CONTROLLER);
+    let is = sid(&build, "inv-1", CONTROLLER);
+    let ts = sid(&build, "inv-1", TOOL);
+    // Team B squats on the build id. Bob may not publish as team-a.
+    client()
+        .publish_lifecycle_event(with_token(lifecycle(&bs, 1, "team-b", enqueued()), &bob))
+        .await
+        .unwrap();
+    let err = client()
+        .publish_lifecycle_event(with_token(
+            lifecycle(&is, 1, "team-a", attempt_started()),
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Team A's whole build, as Bazel publishes it.
+    for (stream, seq, event) in [(&bs, 1, enqueued()), (&is, 1, attempt_started())] {
+        client()
+            .publish_lifecycle_event(with_token(lifecycle(stream, seq, "team-a", event), &alice))
+            .await
+            .unwrap_or_else(|e| panic!("team A's lifecycle event on {stream:?}: {e:?}"));
+    }
+    let msgs = tool_events(&ts, "team-a", 1, 20, 20);
+    let mut acks = client()
+        .publish_build_tool_event_stream(with_token(tokio_stream::iter(msgs), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = Vec::new();
+    while let Some(ack) = acks.message().await.unwrap() {
+        acked.push(ack.sequence_number);
+    }
+    assert_eq!(acked, (1..=20).collect::<Vec<_>>());
+    for (stream, seq, event) in [(&is, 2, attempt_finished()), (&bs, 2, build_finished())] {
+        client()
+            .publish_lifecycle_event(with_token(lifecycle(stream, seq, "team-a", event), &alice))
+            .await
+            .unwrap_or_else(|e| panic!("team A's lifecycle event on {stream:?}: {e:?}"));
+    }
+
+    // What each team reads back: (instance, invocation, component, seqs).
+    let read = |token: String, instance: &'static str| {
+        let ch = ch.clone();
+        let pattern = format!("^{}\\.", regex_escape(&build));
+        async move {
+            let mut s = gg::build_events_client::BuildEventsClient::new(ch)
+                .query_event_streams(with_token(
+                    gg::QueryEventStreamsRequest {
+                        build_id_pattern: pattern,
+                        instance_name: instance.into(),
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await?
+                .into_inner();
+            let mut out: Vec<(String, String, i32, Vec<i64>)> = Vec::new();
+            while let Some(c) = s.message().await? {
+                let id = c.stream_id.clone().unwrap_or_default();
+                out.push((
+                    c.instance_name,
+                    id.invocation_id,
+                    id.component,
+                    seqs(&c.events),
+                ));
+            }
+            Ok::<_, tonic::Status>(out)
+        }
+    };
+    let team_a = vec![
+        ("team-a".to_string(), String::new(), CONTROLLER, vec![1, 2]),
+        (
+            "team-a".to_string(),
+            "inv-1".to_string(),
+            CONTROLLER,
+            vec![1, 2],
+        ),
+        (
+            "team-a".to_string(),
+            "inv-1".to_string(),
+            TOOL,
+            (1..=20).collect(),
+        ),
+    ];
+    let team_b = vec![("team-b".to_string(), String::new(), CONTROLLER, vec![1])];
+    assert_eq!(read(alice.clone(), "team-a").await.unwrap(), team_a);
+    assert_eq!(read(alice.clone(), "").await.unwrap(), team_a);
+    assert_eq!(read(bob.clone(), "team-b").await.unwrap(), team_b);
+    assert_eq!(read(bob.clone(), "").await.unwrap(), team_b);
+    let err = read(bob.clone(), "team-a").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // BuildGrid's query narrows the same way.
+    let resp = QueryBuildEventsClient::new(ch.clone())
+        .query_event_streams(with_token(
+            QueryEventStreamsRequest {
+                build_id_pattern: format!("^{}\\.", regex_escape(&build)),
+                instance_name: String::new(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.streams.len(), 1);
+    assert_eq!(seqs(&resp.streams[0].events), vec![1]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squatting_a_build_id_blocks_nobody_memory_store() {
+    let dir = tempfile::tempdir().unwrap();
+    squatting_a_build_id_blocks_nobody("  store: memory\n", dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squatting_a_build_id_blocks_nobody_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    squatting_a_build_id_blocks_nobody("  store: { file: events.redb }\n", dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squatting_a_build_id_blocks_nobody_postgres_store() {
+    let Some(schema) = pg::fresh_schema("bes_squat").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    squatting_a_build_id_blocks_nobody(
         &format!("  store: {{ postgres: \"{}\" }}\n", schema.url),
         dir.path(),
     )

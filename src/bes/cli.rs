@@ -53,6 +53,16 @@ pub struct QueryArgs {
     /// Only events at or after this time (RFC 3339, e.g. 2026-11-21T10:00:00Z).
     #[arg(long, value_name = "RFC3339")]
     pub since: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Print one JSON object per stream (one per line) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How the CLI reaches a gateway (shared by `events` and `invocations`).
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
     /// The gateway: grpc://HOST:PORT (plaintext) or grpcs://HOST:PORT (TLS).
     #[arg(
         long,
@@ -73,14 +83,16 @@ pub struct QueryArgs {
     /// The client certificate's private key (PEM); needs --cert.
     #[arg(long, value_name = "K", requires = "cert")]
     pub key: Option<PathBuf>,
-    /// Print one JSON object per stream (one per line) instead of text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Runs `gridgate events ...`; returns the exit code.
 pub fn run(command: EventsCommand) -> ExitCode {
     let EventsCommand::Query(args) = command;
+    block_on(query(args))
+}
+
+/// Runs a CLI command's future on a small runtime; its error is printed.
+pub fn block_on(f: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,7 +103,7 @@ pub fn run(command: EventsCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(query(args)) {
+    match runtime.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -100,12 +112,30 @@ pub fn run(command: EventsCommand) -> ExitCode {
     }
 }
 
+/// A request carrying the token of `--token-file`, if one was given.
+pub fn authorized<T>(args: &ConnectArgs, message: T) -> Result<tonic::Request<T>, String> {
+    let mut request = tonic::Request::new(message);
+    if let Some(f) = &args.token_file {
+        let t = String::from_utf8(read(f, "--token-file")?)
+            .map_err(|_| format!("--token-file {}: not UTF-8", f.display()))?;
+        let v = MetadataValue::try_from(format!("Bearer {}", t.trim()))
+            .map_err(|_| format!("--token-file {}: not a valid header value", f.display()))?;
+        request.metadata_mut().insert("authorization", v);
+    }
+    Ok(request)
+}
+
+/// A gRPC status as the CLI prints it.
+pub fn status_text(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
 /// Connects to the gateway as the arguments say.
-async fn connect(args: &QueryArgs) -> Result<Channel, String> {
+pub async fn connect(args: &ConnectArgs) -> Result<Channel, String> {
     let (tls, rest) = if let Some(r) = args.server.strip_prefix("grpcs://") {
         (true, r)
     } else if let Some(r) = args.server.strip_prefix("https://") {
@@ -191,23 +221,10 @@ fn request(args: &QueryArgs) -> Result<QueryEventStreamsRequest, String> {
 
 async fn query(args: QueryArgs) -> Result<(), String> {
     let req = request(&args)?;
-    let token = match &args.token_file {
-        Some(f) => {
-            let t = String::from_utf8(read(f, "--token-file")?)
-                .map_err(|_| format!("--token-file {}: not UTF-8", f.display()))?;
-            let v = MetadataValue::try_from(format!("Bearer {}", t.trim()))
-                .map_err(|_| format!("--token-file {}: not a valid header value", f.display()))?;
-            Some(v)
-        }
-        None => None,
-    };
-    let channel = connect(&args).await?;
+    let request = authorized(&args.connect, req)?;
+    let channel = connect(&args.connect).await?;
     let mut client = BuildEventsClient::new(channel).max_decoding_message_size(64 << 20);
-    let mut request = tonic::Request::new(req);
-    if let Some(t) = token {
-        request.metadata_mut().insert("authorization", t);
-    }
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let status = status_text;
     let mut stream = client
         .query_event_streams(request)
         .await

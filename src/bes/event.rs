@@ -2,14 +2,25 @@
 //! to ([`StreamKey`]), what kind it is ([`EventKind`]), and the checks every
 //! published event passes before it reaches a store ([`Prepared`]).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use prost::Message;
+
+use super::invocation::{Fact, Publisher};
 
 use crate::proto::google::devtools::build::v1::{
     build_event, stream_id::BuildComponent, OrderedBuildEvent, StreamId,
 };
 
-/// Identifies one event stream: `(build_id, invocation_id, component)`.
+/// Identifies one event stream: the protocol's `(build_id, invocation_id,
+/// component)` under the instance that publishes it.
+///
+/// The instance (the publisher's `project_id`, which the Gate authorizes) is
+/// part of the key so that one team's streams can never collide with
+/// another's: a team that publishes first for a build id neither blocks
+/// another team's stream of that build id nor learns that it exists. Keys
+/// order by build id first (the instance last), as queries list them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
     /// The build request id (Bazel's `--build_request_id`, a UUID).
@@ -18,6 +29,8 @@ pub struct StreamKey {
     pub invocation_id: String,
     /// The `StreamId.BuildComponent` number (1 controller, 2 worker, 3 tool).
     pub component: i32,
+    /// The instance that owns the stream.
+    pub instance: String,
 }
 
 impl StreamKey {
@@ -188,6 +201,18 @@ pub struct Prepared {
     pub time_micros: Option<i64>,
     /// The encoded `OrderedBuildEvent`, with credentials redacted.
     pub body: Bytes,
+    /// What it tells about its invocation ([`Fact::Nothing`] until decoded
+    /// with [`Prepared::decode`]).
+    pub fact: Fact,
+    /// Who published it, when known.
+    pub publisher: Option<Arc<Publisher>>,
+}
+
+impl Prepared {
+    /// Decodes the stored bytes into the event's [`Fact`] (once, at ingest).
+    pub fn decode(&mut self) {
+        self.fact = super::invocation::decode(self.kind, &self.body);
+    }
 }
 
 /// Why an event was refused before reaching the store (all INVALID_ARGUMENT).
@@ -215,12 +240,17 @@ pub enum EventError {
     },
 }
 
-/// Longest build_id / invocation_id accepted (Bazel sends UUIDs).
+/// Longest build_id / invocation_id / project_id accepted (Bazel sends UUIDs).
 pub const MAX_ID_BYTES: usize = 1024;
 
 /// Checks an event's stream id, sequence number, kind and size, redacts
-/// credentials in it and encodes it for storing.
-pub fn prepare(event: &OrderedBuildEvent, max_event_bytes: usize) -> Result<Prepared, EventError> {
+/// credentials in it and encodes it for storing in a stream of `instance`
+/// (the request's `project_id`).
+pub fn prepare(
+    event: &OrderedBuildEvent,
+    instance: &str,
+    max_event_bytes: usize,
+) -> Result<Prepared, EventError> {
     let sid = event
         .stream_id
         .as_ref()
@@ -229,8 +259,9 @@ pub fn prepare(event: &OrderedBuildEvent, max_event_bytes: usize) -> Result<Prep
         return Err(EventError::MissingBuildId);
     }
     for (field, v) in [
-        ("stream_id.build_id", &sid.build_id),
-        ("stream_id.invocation_id", &sid.invocation_id),
+        ("stream_id.build_id", sid.build_id.as_str()),
+        ("stream_id.invocation_id", sid.invocation_id.as_str()),
+        ("project_id", instance),
     ] {
         if v.len() > MAX_ID_BYTES {
             return Err(EventError::FieldTooLong {
@@ -280,11 +311,14 @@ pub fn prepare(event: &OrderedBuildEvent, max_event_bytes: usize) -> Result<Prep
             build_id: sid.build_id.clone(),
             invocation_id: sid.invocation_id.clone(),
             component: sid.component,
+            instance: instance.to_string(),
         },
         seq: event.sequence_number,
         kind,
         time_micros,
         body: Bytes::from(body),
+        fact: Fact::Nothing,
+        publisher: None,
     })
 }
 
@@ -316,7 +350,7 @@ mod tests {
 
     #[test]
     fn prepare_checks_each_field() {
-        let p = prepare(&event(3, 1), 1 << 20).unwrap();
+        let p = prepare(&event(3, 1), "i", 1 << 20).unwrap();
         assert_eq!(p.kind, EventKind::BazelEvent);
         assert_eq!(p.time_micros, Some(10_000_005));
         assert_eq!(p.stream.query_key(), "b.3.i");
@@ -325,27 +359,27 @@ mod tests {
             event(3, 1)
         );
         assert_eq!(
-            prepare(&event(0, 1), 1 << 20),
+            prepare(&event(0, 1), "i", 1 << 20),
             Err(EventError::UnknownComponent(0))
         );
         assert_eq!(
-            prepare(&event(9, 1), 1 << 20),
+            prepare(&event(9, 1), "i", 1 << 20),
             Err(EventError::UnknownComponent(9))
         );
         assert_eq!(
-            prepare(&event(3, 0), 1 << 20),
+            prepare(&event(3, 0), "i", 1 << 20),
             Err(EventError::BadSequence(0))
         );
         assert!(matches!(
-            prepare(&event(3, 1), 10),
+            prepare(&event(3, 1), "i", 10),
             Err(EventError::TooLarge { limit: 10, .. })
         ));
         let mut e = event(3, 1);
         e.stream_id = None;
-        assert_eq!(prepare(&e, 1 << 20), Err(EventError::MissingStreamId));
+        assert_eq!(prepare(&e, "i", 1 << 20), Err(EventError::MissingStreamId));
         let mut e = event(3, 1);
         e.event = None;
-        assert_eq!(prepare(&e, 1 << 20), Err(EventError::MissingKind));
+        assert_eq!(prepare(&e, "i", 1 << 20), Err(EventError::MissingKind));
     }
 
     #[test]

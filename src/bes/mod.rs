@@ -8,6 +8,8 @@
 //! - [`store`]: the store interface and its memory, file and PostgreSQL backends;
 //! - [`event`]: stream keys, event kinds and the checks on every event;
 //! - [`redact`]: credentials overwritten before an event is stored;
+//! - [`retention`]: old streams deleted, silent invocations marked abandoned;
+//! - [`invocation`]: the Build Event Protocol decoded into invocations;
 //! - [`cli`]: `gridgate events query`.
 //!
 //! For the Gate's route table (gRPC path → ACL name, where the instance is):
@@ -18,12 +20,15 @@
 //! | `/google.devtools.build.v1.PublishBuildEvent/PublishBuildToolEventStream` | `PublishBuildToolEventStream` | `project_id` (field 6) of the first message |
 //! | `/build.buildgrid.QueryBuildEvents/QueryEventStreams` | `QueryEventStreams` | `instance_name` (field 2, string); empty = every instance the caller may query |
 //! | `/gridgate.v1.BuildEvents/QueryEventStreams` | `QueryEventStreams` | `instance_name` (field 2, string); same rule |
+//! | `/gridgate.v1.Invocations/{ListInvocations,GetInvocation,GetLog}` | `QueryEventStreams` | `instance_name` (field 1, string); same rule |
 
 pub mod cli;
 pub mod event;
+pub mod invocation;
 pub mod publish;
 pub mod query;
 pub mod redact;
+pub mod retention;
 pub mod store;
 
 use std::sync::Arc;
@@ -35,6 +40,7 @@ use crate::config::{Compression, Config};
 use crate::proto::build::buildgrid::query_build_events_server::QueryBuildEventsServer;
 use crate::proto::google::devtools::build::v1::publish_build_event_server::PublishBuildEventServer;
 use crate::proto::gridgate::v1::build_events_server::BuildEventsServer;
+use crate::proto::gridgate::v1::invocations_server::InvocationsServer;
 use store::{EventStore, StoreError};
 
 /// Room for a request's fields around its event when limiting message sizes.
@@ -51,6 +57,7 @@ impl BesServices {
     /// Opens the configured store (`build-events:`).
     pub async fn open(config: &Config) -> Result<BesServices, StoreError> {
         let store = store::open(&config.build_events).await?;
+        retention::spawn(&store, config.build_events_limits);
         Ok(BesServices::with_store(store, config))
     }
 
@@ -68,7 +75,7 @@ impl BesServices {
         self.store.clone()
     }
 
-    /// Adds PublishBuildEvent, QueryBuildEvents and gridgate's BuildEvents to
+    /// Adds PublishBuildEvent, QueryBuildEvents, gridgate's BuildEvents and Invocations to
     /// `routes`; returns their service names (for reflection).
     pub fn add_to(self, routes: &mut RoutesBuilder, compression: Compression) -> Vec<&'static str> {
         let publish = PublishBuildEventServer::new(publish::PublishService::new(
@@ -89,13 +96,18 @@ impl BesServices {
             compression
         ));
         routes.add_service(compressed!(
-            BuildEventsServer::new(query::EventsService::new(self.store)),
+            BuildEventsServer::new(query::EventsService::new(self.store.clone())),
+            compression
+        ));
+        routes.add_service(compressed!(
+            InvocationsServer::new(invocation::service::InvocationsService::new(self.store)),
             compression
         ));
         vec![
             <PublishBuildEventServer<publish::PublishService> as NamedService>::NAME,
             <QueryBuildEventsServer<query::QueryService> as NamedService>::NAME,
             <BuildEventsServer<query::EventsService> as NamedService>::NAME,
+            <InvocationsServer<invocation::service::InvocationsService> as NamedService>::NAME,
         ]
     }
 }

@@ -18,7 +18,8 @@
 //!
 //! The instance of every message is its `project_id` (Bazel's `--project_id`,
 //! later `--bes_instance_name`; "" when unset): the Gate authorizes it and the
-//! store records it as the stream's owner. All messages of one
+//! store keys the stream by it, so streams of different instances never
+//! collide, whatever build ids their clients choose. All messages of one
 //! `PublishBuildToolEventStream` call must carry the same `project_id` and
 //! stream id, so the instance the Gate checked on the first message holds for
 //! the whole call.
@@ -37,7 +38,6 @@
 //! - a stream the memory store evicted (to stay within `build-events.max-bytes`)
 //!   while this call was writing it: FAILED_PRECONDITION, saying so; its
 //!   acknowledged events are gone, so resending cannot help either;
-//! - a stream owned by another instance: PERMISSION_DENIED;
 //! - a full memory store: RESOURCE_EXHAUSTED; the database or disk failing:
 //!   UNAVAILABLE or INTERNAL. These are retried, and unacknowledged events are
 //!   resent.
@@ -58,6 +58,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::event::{prepare, EventError, EventKind, Prepared, StreamKey};
+use super::invocation::Publisher;
 use super::store::{EventStore, Outcome, Published, Rejection, StoreError};
 use crate::proto::google::devtools::build::v1::{
     publish_build_event_server::PublishBuildEvent, stream_id::BuildComponent,
@@ -93,6 +94,44 @@ impl PublishService {
     }
 }
 
+/// Longest publisher identity kept on an invocation.
+const MAX_PUBLISHER_BYTES: usize = 256;
+
+/// Who is publishing, from the Gate's admission (none without a Gate).
+fn publisher<T>(request: &Request<T>) -> Arc<Publisher> {
+    let identity = request
+        .extensions()
+        .get::<crate::gate::Admission>()
+        .and_then(|a| {
+            a.identity
+                .actor
+                .clone()
+                .or_else(|| a.identity.subject.clone())
+        })
+        .unwrap_or_default();
+    let mut identity = identity;
+    if identity.len() > MAX_PUBLISHER_BYTES {
+        let mut end = MAX_PUBLISHER_BYTES;
+        while !identity.is_char_boundary(end) {
+            end -= 1;
+        }
+        identity.truncate(end);
+    }
+    Arc::new(Publisher {
+        identity,
+        keywords: Vec::new(),
+    })
+}
+
+/// The keywords kept from a request (bounded in number and length).
+fn keywords(list: &[String]) -> Vec<String> {
+    list.iter()
+        .filter(|k| k.len() <= 1024)
+        .take(100)
+        .cloned()
+        .collect()
+}
+
 fn invalid(e: EventError) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -106,10 +145,6 @@ pub(crate) fn rejection_status(stream: &StreamKey, r: &Rejection) -> Status {
         )),
         Rejection::Finished { last, got } => Status::failed_precondition(format!(
             "stream {stream} is finished: its final event is number {last}, got {got}"
-        )),
-        // The owner is not named: it is another team's instance.
-        Rejection::OtherInstance { .. } => Status::permission_denied(format!(
-            "stream {stream} belongs to another instance (project_id)"
         )),
         Rejection::Full { budget } => Status::resource_exhausted(format!(
             "the build event store is full (memory budget {budget} bytes, build-events.max-bytes)"
@@ -125,18 +160,15 @@ pub(crate) fn store_status(e: &StoreError) -> Status {
 }
 
 /// For `check_preceding_lifecycle_events_present`: the stream holding the
-/// preceding lifecycle event must exist (under the same instance).
+/// preceding lifecycle event must exist (under the same instance: `key`
+/// carries it).
 async fn require_stream(
     store: &dyn EventStore,
     key: &StreamKey,
-    instance: &str,
     event: &str,
 ) -> Result<(), Status> {
     match store.get_stream(key).await.map_err(|e| store_status(&e))? {
-        Some(s) if s.instance == instance => Ok(()),
-        Some(_) => Err(Status::permission_denied(format!(
-            "stream {key} belongs to another instance (project_id)"
-        ))),
+        Some(_) => Ok(()),
         None => Err(Status::failed_precondition(format!(
             "check_preceding_lifecycle_events_present: no {event} was published for {key}"
         ))),
@@ -184,11 +216,15 @@ impl PublishBuildEvent for PublishService {
         &self,
         request: Request<PublishLifecycleEventRequest>,
     ) -> Result<Response<()>, Status> {
+        let who = publisher(&request);
         let req = request.into_inner();
         let event = req
             .build_event
             .ok_or_else(|| invalid(EventError::MissingEvent))?;
-        let prepared = prepare(&event, self.max_event_bytes).map_err(invalid)?;
+        let mut prepared =
+            prepare(&event, &req.project_id, self.max_event_bytes).map_err(invalid)?;
+        prepared.decode();
+        prepared.publisher = Some(who);
         check_lifecycle(&prepared)?;
         if req.check_preceding_lifecycle_events_present
             && prepared.kind == EventKind::InvocationAttemptStarted
@@ -197,16 +233,12 @@ impl PublishBuildEvent for PublishService {
                 invocation_id: String::new(),
                 ..prepared.stream.clone()
             };
-            require_stream(&*self.store, &build, &req.project_id, "build_enqueued").await?;
+            require_stream(&*self.store, &build, "build_enqueued").await?;
         }
-        let published = publish_measured(
-            &*self.store,
-            &req.project_id,
-            std::slice::from_ref(&prepared),
-            "lifecycle",
-        )
-        .await
-        .map_err(|e| store_status(&e))?;
+        let published =
+            publish_measured(&*self.store, std::slice::from_ref(&prepared), "lifecycle")
+                .await
+                .map_err(|e| store_status(&e))?;
         if let Some(r) = &published.rejection {
             return Err(rejection_status(&prepared.stream, r));
         }
@@ -233,6 +265,7 @@ impl PublishBuildEvent for PublishService {
         &self,
         request: Request<Streaming<PublishBuildToolEventStreamRequest>>,
     ) -> Result<Response<Self::PublishBuildToolEventStreamStream>, Status> {
+        let who = publisher(&request);
         let inbound = request.into_inner();
         let (acks, rx) = mpsc::channel(MAX_BATCH);
         let store = self.store.clone();
@@ -244,6 +277,7 @@ impl PublishBuildEvent for PublishService {
                 store,
                 max_event_bytes,
                 acks,
+                publisher: who,
                 first: None,
                 check_preceding: false,
                 acked: false,
@@ -258,15 +292,14 @@ impl PublishBuildEvent for PublishService {
 /// Stores events and measures it: time per event, events and bytes newly stored.
 async fn publish_measured(
     store: &dyn EventStore,
-    instance: &str,
     events: &[Prepared],
     kind: &'static str,
 ) -> Result<Published, StoreError> {
     if !crate::metrics::enabled() {
-        return store.publish_events(instance, events).await;
+        return store.publish_events(events).await;
     }
     let started = std::time::Instant::now();
-    let result = store.publish_events(instance, events).await;
+    let result = store.publish_events(events).await;
     if let Ok(published) = &result {
         let (mut count, mut bytes) = (0u64, 0u64);
         for (outcome, e) in published.outcomes.iter().zip(events) {
@@ -292,8 +325,10 @@ struct ToolStream {
     store: Arc<dyn EventStore>,
     max_event_bytes: usize,
     acks: mpsc::Sender<Result<PublishBuildToolEventStreamResponse, Status>>,
-    /// The stream and project_id of the first message.
-    first: Option<(StreamKey, String)>,
+    /// Who publishes (with the first message's keywords once it arrived).
+    publisher: Arc<Publisher>,
+    /// The stream of the first message (its `project_id` the stream's instance).
+    first: Option<StreamKey>,
     /// The first message asked for `check_preceding_lifecycle_events_present`
     /// and it has not been checked yet.
     check_preceding: bool,
@@ -384,18 +419,14 @@ impl ToolStream {
             }
             if self.check_preceding && !prepared.is_empty() {
                 self.check_preceding = false;
-                if let Some((stream, instance)) = &self.first {
+                if let Some(stream) = &self.first {
                     let invocation = StreamKey {
                         component: BuildComponent::Controller as i32,
                         ..stream.clone()
                     };
-                    let required = require_stream(
-                        &*self.store,
-                        &invocation,
-                        instance,
-                        "invocation_attempt_started",
-                    )
-                    .await;
+                    let required =
+                        require_stream(&*self.store, &invocation, "invocation_attempt_started")
+                            .await;
                     if let Err(status) = required {
                         let _ = self.acks.send(Err(status)).await;
                         return;
@@ -420,7 +451,7 @@ impl ToolStream {
     /// Logs the end of a stream the client broke off.
     fn client_error(&self, status: &Status) {
         tracing::debug!(
-            stream = ?self.first.as_ref().map(|(k, _)| k.to_string()),
+            stream = ?self.first.as_ref().map(|k| k.to_string()),
             "build event stream ended by the client: {status}"
         );
     }
@@ -431,7 +462,7 @@ impl ToolStream {
         let event = m
             .ordered_build_event
             .ok_or_else(|| invalid(EventError::MissingEvent))?;
-        let p = prepare(&event, self.max_event_bytes).map_err(invalid)?;
+        let mut p = prepare(&event, &m.project_id, self.max_event_bytes).map_err(invalid)?;
         match &self.first {
             None => {
                 if p.stream.component == BuildComponent::Controller as i32 {
@@ -440,11 +471,18 @@ impl ToolStream {
                          CONTROLLER streams take lifecycle events (PublishLifecycleEvent)",
                     ));
                 }
-                self.first = Some((p.stream.clone(), m.project_id));
+                self.first = Some(p.stream.clone());
                 self.check_preceding = m.check_preceding_lifecycle_events_present;
+                // Bazel sends its keywords (`--bes_keywords`, `command_name=`)
+                // with the stream's first message.
+                if !m.notification_keywords.is_empty() {
+                    let mut who = (*self.publisher).clone();
+                    who.keywords = keywords(&m.notification_keywords);
+                    self.publisher = Arc::new(who);
+                }
             }
-            Some((stream, project)) => {
-                if *project != m.project_id {
+            Some(stream) => {
+                if stream.instance != m.project_id {
                     return Err(Status::invalid_argument(format!(
                         "project_id changed within one stream (message {} of stream {stream}); \
                          every message of a PublishBuildToolEventStream call must carry the same project_id",
@@ -465,24 +503,25 @@ impl ToolStream {
                 p.kind.name()
             )));
         }
+        p.decode();
+        p.publisher = Some(self.publisher.clone());
         Ok(p)
     }
 
     /// Stores a batch and sends its acks in order. Returns the status to end
     /// the call with when the store refused an event or failed.
     async fn store_and_ack(&mut self, prepared: &[Prepared]) -> Option<Status> {
-        let (stream, instance) = self.first.clone()?;
+        let stream = self.first.clone()?;
         if prepared.is_empty() {
             return None;
         }
-        let published =
-            match publish_measured(&*self.store, &instance, prepared, "build_tool").await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(stream = %stream, "storing build events failed: {e}");
-                    return Some(store_status(&e));
-                }
-            };
+        let published = match publish_measured(&*self.store, prepared, "build_tool").await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(stream = %stream, "storing build events failed: {e}");
+                return Some(store_status(&e));
+            }
+        };
         for (outcome, p) in published.outcomes.iter().zip(prepared) {
             if *outcome == (Outcome::Duplicate { identical: false }) {
                 tracing::warn!(

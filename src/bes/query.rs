@@ -92,7 +92,7 @@ async fn visible_streams(
         .map_err(|e| store_status(&e))?;
     Ok(streams
         .into_iter()
-        .filter(|s| admission.may(&s.instance, QUERY_RPC))
+        .filter(|s| admission.may(&s.key.instance, QUERY_RPC))
         .collect())
 }
 
@@ -228,7 +228,7 @@ async fn send_stream(
     }
     let chunk = |events: Vec<OrderedBuildEvent>, complete: bool| gg::EventStreamChunk {
         stream_id: Some(s.key.to_proto()),
-        instance_name: s.instance.clone(),
+        instance_name: s.key.instance.clone(),
         events,
         stream_complete: complete,
         stream_finished: s.finished,
@@ -348,8 +348,8 @@ mod tests {
                     event: Some(build_event::Event::BazelEvent(prost_types::Any::default())),
                 }),
             };
-            let p = prepare(&e, 1 << 20).unwrap();
-            store.publish_events(team, &[p]).await.unwrap();
+            let p = prepare(&e, team, 1 << 20).unwrap();
+            store.publish_events(&[p]).await.unwrap();
         }
         store
     }
@@ -360,7 +360,9 @@ mod tests {
         let caller = team_a_caller();
         let seen = visible_streams(&*store, &caller, "", "").await.unwrap();
         assert_eq!(
-            seen.iter().map(|s| s.instance.as_str()).collect::<Vec<_>>(),
+            seen.iter()
+                .map(|s| s.key.instance.as_str())
+                .collect::<Vec<_>>(),
             vec!["team-a"]
         );
         let err = visible_streams(&*store, &caller, "", "team-b")

@@ -402,14 +402,50 @@ pub struct BuildEventsLimits {
     /// `build-events.max-event-bytes`: the largest single event (an encoded
     /// `OrderedBuildEvent`) accepted; larger ones are INVALID_ARGUMENT.
     pub max_event_bytes: usize,
+    /// `build-events.retention.max-age`: streams (and their invocations)
+    /// whose last event is older are deleted; None keeps them.
+    pub max_age: Option<Duration>,
+    /// `build-events.retention.abandoned-after`: an unfinished invocation
+    /// silent this long is marked abandoned; None never marks one.
+    pub abandoned_after: Option<Duration>,
 }
 
 impl Default for BuildEventsLimits {
     fn default() -> Self {
         BuildEventsLimits {
             max_event_bytes: 4 << 20,
+            max_age: None,
+            abandoned_after: Some(Duration::from_secs(24 * 3600)),
         }
     }
+}
+
+/// An age such as `30d`, `12h`, `90m`, `45s` or `2w`; `none` is None.
+fn parse_age(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    if t == "none" {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not an age like 30d, 12h, 90m, 45s or none"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h, d or w")),
+    };
+    if n == 0 {
+        return Err(format!("{text:?} is zero (write none to keep everything)"));
+    }
+    n.checked_mul(unit_secs)
+        .filter(|s| *s <= 100 * 365 * 86_400)
+        .map(|s| Some(Duration::from_secs(s)))
+        .ok_or_else(|| format!("{text:?} is more than 100 years"))
 }
 
 /// The largest HTTP/2 frame gridgate lets a client send, by default. HTTP/2's
@@ -1512,6 +1548,16 @@ impl Validator {
                 return Err(self.err(key, "must be between 1K and 256M"));
             }
             limits.max_event_bytes = n as usize;
+        }
+        if let Some(r) = b.and_then(|b| b.retention.as_ref()) {
+            if let Some(a) = &r.max_age {
+                let key = "build-events.retention.max-age";
+                limits.max_age = parse_age(a).map_err(|e| self.err(key, &e))?;
+            }
+            if let Some(a) = &r.abandoned_after {
+                let key = "build-events.retention.abandoned-after";
+                limits.abandoned_after = parse_age(a).map_err(|e| self.err(key, &e))?;
+            }
         }
         Ok(limits)
     }

@@ -182,6 +182,15 @@ pub struct RawBuildEvents {
     pub store: Option<RawStore>,
     pub max_bytes: Option<Size>,
     pub max_event_bytes: Option<Size>,
+    pub retention: Option<RawRetention>,
+}
+
+/// `build-events.retention`: ages like `30d`, `12h`, or `none`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawRetention {
+    pub max_age: Option<String>,
+    pub abandoned_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

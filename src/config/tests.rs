@@ -293,6 +293,53 @@ fn build_events_max_event_bytes() {
 }
 
 #[test]
+fn build_events_retention() {
+    let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
+    let d = parse(base).unwrap().build_events_limits;
+    assert_eq!(d.max_age, None, "kept by default");
+    assert_eq!(d.abandoned_after, Some(Duration::from_secs(86_400)));
+    let c = parse(&format!(
+        "{base}build-events:\n  retention: {{ max-age: 30d, abandoned-after: 90m }}\n"
+    ))
+    .unwrap()
+    .build_events_limits;
+    assert_eq!(c.max_age, Some(Duration::from_secs(30 * 86_400)));
+    assert_eq!(c.abandoned_after, Some(Duration::from_secs(90 * 60)));
+    let c = parse(&format!(
+        "{base}build-events:\n  retention: {{ max-age: 2w, abandoned-after: none }}\n"
+    ))
+    .unwrap()
+    .build_events_limits;
+    assert_eq!(c.max_age, Some(Duration::from_secs(14 * 86_400)));
+    assert_eq!(c.abandoned_after, None);
+    for (yaml, key, says) in [
+        ("max-age: '30'", "build-events.retention.max-age", "unit"),
+        ("max-age: 30", "build-events.retention.max-age", "string"),
+        ("max-age: 0d", "build-events.retention.max-age", "zero"),
+        ("max-age: 3y", "build-events.retention.max-age", "unit"),
+        (
+            "max-age: 99999999999w",
+            "build-events.retention.max-age",
+            "100 years",
+        ),
+        (
+            "abandoned-after: soon",
+            "build-events.retention.abandoned-after",
+            "age",
+        ),
+    ] {
+        let e = parse(&format!("{base}build-events:\n  retention: {{ {yaml} }}\n")).unwrap_err();
+        assert_eq!(e.key, key, "{yaml}");
+        assert!(e.reason.contains(says), "{yaml}: {}", e.reason);
+    }
+    let e = parse(&format!(
+        "{base}build-events:\n  retention: {{ max_age: 1d }}\n"
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("max_age"), "{e}");
+}
+
+#[test]
 fn max_frame_bytes_within_http2_bounds() {
     let base = "server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\n";
     assert_eq!(parse(base).unwrap().limits.max_frame_size, 256 * 1024);

@@ -101,6 +101,9 @@ const ROUTES: &[(&str, &str, Locate, StreamCheck, Openness)] = {
         ("google.devtools.build.v1.PublishBuildEvent", "PublishBuildToolEventStream", Field(6), BuildEventStream, Gated),
         ("build.buildgrid.QueryBuildEvents", "QueryEventStreams", QueryScope(2), Single, Gated),
         ("gridgate.v1.BuildEvents", "QueryEventStreams", QueryScope(2), Single, Gated),
+        ("gridgate.v1.Invocations", "ListInvocations", QueryScope(1), Single, Gated),
+        ("gridgate.v1.Invocations", "GetInvocation", QueryScope(1), Single, Gated),
+        ("gridgate.v1.Invocations", "GetLog", QueryScope(1), Single, Gated),
         // Health and reflection
         ("grpc.health.v1.Health", "Check", None, Single, Health),
         ("grpc.health.v1.Health", "Watch", None, Single, Health),
@@ -108,6 +111,31 @@ const ROUTES: &[(&str, &str, Locate, StreamCheck, Openness)] = {
         ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", None, Unchecked, Reflection),
     ]
 };
+
+/// Methods whose ACL name is not their own: (service, method, ACL name). The
+/// invocation API reads what the events say, so the rules that allow
+/// `QueryEventStreams` allow it too.
+const ACL_NAMES: &[(&str, &str, &str)] = &[
+    (
+        "gridgate.v1.Invocations",
+        "ListInvocations",
+        "QueryEventStreams",
+    ),
+    (
+        "gridgate.v1.Invocations",
+        "GetInvocation",
+        "QueryEventStreams",
+    ),
+    ("gridgate.v1.Invocations", "GetLog", "QueryEventStreams"),
+];
+
+/// The ACL name of a routed method.
+fn acl_name(service: &str, method: &'static str) -> &'static str {
+    ACL_NAMES
+        .iter()
+        .find(|(s, m, _)| *s == service && *m == method)
+        .map_or(method, |(_, _, acl)| acl)
+}
 
 /// The route table, keyed by gRPC path (`/package.Service/Method`).
 #[derive(Debug, Clone)]
@@ -126,11 +154,11 @@ impl RouteTable {
     pub fn new() -> RouteTable {
         let routes = ROUTES
             .iter()
-            .map(|&(service, rpc, locate, stream, open)| {
+            .map(|&(service, method, locate, stream, open)| {
                 (
-                    format!("/{service}/{rpc}"),
+                    format!("/{service}/{method}"),
                     Route {
-                        rpc,
+                        rpc: acl_name(service, method),
                         service,
                         locate,
                         stream,
@@ -149,7 +177,7 @@ impl RouteTable {
 
     /// Every RPC name, for `policy check`'s unknown-name warnings.
     pub fn rpc_names() -> Vec<&'static str> {
-        let mut names: Vec<&'static str> = ROUTES.iter().map(|r| r.1).collect();
+        let mut names: Vec<&'static str> = ROUTES.iter().map(|r| acl_name(r.0, r.1)).collect();
         names.sort_unstable();
         names.dedup();
         names
@@ -251,6 +279,19 @@ mod tests {
         }
         .encode_to_vec();
         assert_eq!(locate(list, &msg).unwrap().as_deref(), Some("team-a"));
+    }
+
+    #[test]
+    fn the_invocation_api_is_authorized_as_queryeventstreams() {
+        let t = RouteTable::new();
+        for m in ["ListInvocations", "GetInvocation", "GetLog"] {
+            let r = t.get(&format!("/gridgate.v1.Invocations/{m}")).unwrap();
+            assert_eq!(
+                (r.rpc, r.locate),
+                ("QueryEventStreams", Locate::QueryScope(1))
+            );
+        }
+        assert!(!RouteTable::rpc_names().contains(&"ListInvocations"));
     }
 
     #[test]

@@ -92,6 +92,8 @@ metric_names! {
         "Time to store one build event (durably, for the durable stores).";
     BES_EVICTIONS = "gridgate_bes_evictions_total", Counter, "store",
         "Build event streams removed to keep the store within its limits.";
+    BES_RETENTION = "gridgate_bes_retention_total", Counter, "store, action",
+        "Retention: action deleted_streams (past build-events.retention.max-age) or abandoned_invocations.";
     CAS_BYTES = "gridgate_cas_bytes_stored_total", Counter, "instance",
         "Bytes of blobs newly stored in a local CAS.";
     CAS_LOOKUPS = "gridgate_cas_lookups_total", Counter, "instance, result",
@@ -494,6 +496,16 @@ pub fn bes_stored(
 pub fn bes_evictions(store: &'static str, evicted: u64) {
     if enabled() {
         metrics::counter!(BES_EVICTIONS, "store" => store).absolute(evicted);
+    }
+}
+
+/// Counts what one retention batch did.
+pub fn bes_retention(store: &'static str, deleted_streams: u64, abandoned: u64) {
+    if enabled() {
+        metrics::counter!(BES_RETENTION, "store" => store, "action" => "deleted_streams")
+            .increment(deleted_streams);
+        metrics::counter!(BES_RETENTION, "store" => store, "action" => "abandoned_invocations")
+            .increment(abandoned);
     }
 }
 

@@ -7,17 +7,20 @@
 //! does not fit even in an empty store is refused ([`Rejection::Full`]).
 //! Evictions are counted in [`StoreStats::evicted_streams`] and logged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 use regex::Regex;
 
 use super::{
-    check_event, EventFilter, EventStore, Outcome, Published, Rejection, Step, StoreError,
-    StoreStats, StoredEvent, StreamInfo,
+    check_event, now_millis, Cursor, EventFilter, EventStore, InvocationQuery, Outcome, Published,
+    Rejection, Step, StoreError, StoreStats, StoredEvent, StreamInfo, Swept,
 };
 use crate::bes::event::{Prepared, StreamKey};
+use crate::bes::invocation::{model, InvocationKey};
+use crate::proto::gridgate::v1 as gg;
 
 /// Bytes charged per stream and per event on top of their payloads, for the
 /// bookkeeping around them.
@@ -40,6 +43,19 @@ struct Inner {
     tick: u64,
     bytes: u64,
     stats: StoreStats,
+    invocations: HashMap<InvocationKey, Invocation>,
+    /// Every invocation by its listing position.
+    listing: BTreeSet<Cursor>,
+}
+
+/// An invocation as the memory store keeps it.
+#[derive(Default)]
+struct Invocation {
+    /// When its last event was stored (ms since the epoch).
+    updated_ms: i64,
+    summary: gg::Invocation,
+    targets: BTreeMap<String, gg::Target>,
+    log: Vec<(i64, Bytes)>,
 }
 
 struct Stream {
@@ -50,6 +66,8 @@ struct Stream {
     bytes: u64,
     /// Its key in `finished` or `active`.
     tick: u64,
+    /// When its last event was stored (ms since the epoch).
+    updated_ms: i64,
 }
 
 impl MemoryStore {
@@ -67,7 +85,7 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish(&self, instance: &str, events: &[Prepared]) -> Published {
+    fn publish(&self, events: &[Prepared]) -> Published {
         let mut out = Published::default();
         let Some(first) = events.first() else {
             return out;
@@ -77,11 +95,12 @@ impl MemoryStore {
         let mut inner = self.lock();
         let mut state = inner.streams.get(key).map(|s| s.info.clone());
         let mut stored_any = false;
+        let mut stored: Vec<&Prepared> = Vec::new();
         for event in events {
             if event.stream != *key {
                 break; // The service sends one stream per call.
             }
-            let step = match check_event(&mut state, instance, event) {
+            let step = match check_event(&mut state, event) {
                 Ok(step) => step,
                 Err(r) => {
                     out.rejection = Some(r);
@@ -99,9 +118,10 @@ impl MemoryStore {
                 continue;
             }
             let cost = event.body.len() as u64
+                + event.fact.weight()
                 + EVENT_OVERHEAD
                 + if step == Step::Create {
-                    STREAM_OVERHEAD + key.build_id.len() as u64 * 2
+                    STREAM_OVERHEAD + (key.build_id.len() + key.instance.len()) as u64 * 2
                 } else {
                     0
                 };
@@ -118,16 +138,96 @@ impl MemoryStore {
             }
             inner.append(key, event, cost);
             stored_any = true;
+            stored.push(event);
             out.outcomes.push(Outcome::Stored);
         }
         if let (true, Some(info)) = (stored_any, state) {
             inner.index(key, info);
+            inner.update_invocation(key, &stored);
         }
         out
     }
 }
 
 impl Inner {
+    /// Applies newly stored events to the invocation they feed.
+    fn update_invocation(&mut self, stream: &StreamKey, stored: &[&Prepared]) {
+        let Some(key) = InvocationKey::of(stream) else {
+            return;
+        };
+        let inv = self.invocations.get(&key);
+        let touched = model::labels(stored.iter().copied())
+            .into_iter()
+            .filter_map(|l| Some((l.clone(), inv?.targets.get(&l)?.clone())))
+            .collect();
+        let summary = inv.map(|i| i.summary.clone());
+        let Some(update) = model::apply(stream, summary, touched, stored.iter().copied()) else {
+            return;
+        };
+        let inv = self.invocations.entry(key).or_default();
+        inv.updated_ms = now_millis();
+        self.listing.remove(&Cursor::of(&inv.summary));
+        inv.summary = update.invocation;
+        self.listing.insert(Cursor::of(&inv.summary));
+        for t in update.targets {
+            inv.targets.insert(t.label.clone(), t);
+        }
+        inv.log.extend(update.log);
+    }
+
+    /// Forgets the invocation a stream fed (its stream is gone).
+    fn drop_invocation(&mut self, stream: &StreamKey) {
+        if let Some(inv) = InvocationKey::of(stream).and_then(|k| self.invocations.remove(&k)) {
+            self.listing.remove(&Cursor::of(&inv.summary));
+        }
+    }
+
+    /// Removes a stream (and the invocation it fed), freeing its bytes.
+    fn remove_stream(&mut self, key: &StreamKey) -> Option<Stream> {
+        let s = self.streams.remove(key)?;
+        self.drop_invocation(key);
+        self.finished.remove(&s.tick);
+        self.active.remove(&s.tick);
+        self.bytes -= s.bytes;
+        Some(s)
+    }
+
+    /// Deletes up to `batch` streams last written before `before`, oldest
+    /// first (ticks follow write order, so each queue is oldest first).
+    fn expire(&mut self, before: i64, batch: usize) -> u64 {
+        let mut victims = Vec::new();
+        for queue in [&self.finished, &self.active] {
+            for k in queue.values() {
+                if victims.len() >= batch {
+                    break;
+                }
+                match self.streams.get(k) {
+                    Some(s) if s.updated_ms < before => victims.push(k.clone()),
+                    _ => break,
+                }
+            }
+        }
+        victims.truncate(batch);
+        victims
+            .iter()
+            .filter(|k| self.remove_stream(k).is_some())
+            .count() as u64
+    }
+
+    /// Marks running invocations silent since before `before` abandoned.
+    fn abandon(&mut self, before: i64, batch: usize) -> u64 {
+        let mut n = 0;
+        for inv in self.invocations.values_mut() {
+            if n as usize >= batch {
+                break;
+            }
+            if inv.updated_ms < before && model::abandon(&mut inv.summary) {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Evicts streams until `cost` more bytes fit; false if they cannot.
     fn make_room(&mut self, cost: u64, budget: u64, writing: &StreamKey) -> bool {
         while self.bytes + cost > budget {
@@ -138,14 +238,11 @@ impl Inner {
                 .find(|(_, k)| *k != writing)
                 .map(|(_, k)| k.clone());
             let Some(victim) = victim else { return false };
-            if let Some(s) = self.streams.remove(&victim) {
-                self.finished.remove(&s.tick);
-                self.active.remove(&s.tick);
-                self.bytes -= s.bytes;
+            if let Some(s) = self.remove_stream(&victim) {
                 self.stats.evicted_streams += 1;
                 tracing::info!(
                     stream = %victim,
-                    instance = %s.info.instance,
+                    instance = %s.info.key.instance,
                     events = s.events.len(),
                     bytes = s.bytes,
                     finished = s.info.finished,
@@ -168,7 +265,6 @@ impl Inner {
                 self.streams.entry(key.clone()).or_insert(Stream {
                     info: StreamInfo {
                         key: key.clone(),
-                        instance: String::new(),
                         last_seq: 0,
                         finished: false,
                     },
@@ -176,10 +272,12 @@ impl Inner {
                     events: Vec::new(),
                     bytes: 0,
                     tick,
+                    updated_ms: now_millis(),
                 })
             }
         };
         stream.bytes += cost;
+        stream.updated_ms = now_millis();
         stream.events.push(StoredEvent {
             seq: event.seq,
             kind: event.kind,
@@ -218,10 +316,9 @@ impl EventStore for MemoryStore {
 
     fn publish_events<'a>(
         &'a self,
-        instance: &'a str,
         events: &'a [Prepared],
     ) -> BoxFuture<'a, Result<Published, StoreError>> {
-        let out = self.publish(instance, events);
+        let out = self.publish(events);
         async move { Ok(out) }.boxed()
     }
 
@@ -242,7 +339,7 @@ impl EventStore for MemoryStore {
             .lock()
             .streams
             .values()
-            .filter(|s| instance.is_none_or(|i| s.info.instance == i))
+            .filter(|s| instance.is_none_or(|i| s.info.key.instance == i))
             .filter(|s| pattern.is_match(&s.query_key))
             .map(|s| s.info.clone())
             .collect();
@@ -277,5 +374,112 @@ impl EventStore for MemoryStore {
             bytes: inner.bytes,
             ..inner.stats.clone()
         }
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> BoxFuture<'a, Result<Swept, StoreError>> {
+        let mut inner = self.lock();
+        let out = Swept {
+            deleted_streams: expire_before.map_or(0, |t| inner.expire(t, batch)),
+            abandoned: abandon_before.map_or(0, |t| inner.abandon(t, batch)),
+        };
+        drop(inner);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn list_invocations<'a>(
+        &'a self,
+        query: &'a InvocationQuery,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>> {
+        let inner = self.lock();
+        let upper = match &query.after {
+            Some(a) => std::ops::Bound::Excluded(a.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let out: Vec<gg::Invocation> = inner
+            .listing
+            .range((std::ops::Bound::Unbounded, upper))
+            .rev()
+            .filter_map(|c| {
+                let key = InvocationKey {
+                    instance: c.instance.clone(),
+                    invocation_id: c.invocation_id.clone(),
+                };
+                inner.invocations.get(&key).map(|i| &i.summary)
+            })
+            .filter(|i| query.matches(i))
+            .take(limit)
+            .cloned()
+            .collect();
+        drop(inner);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_invocation<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+    ) -> BoxFuture<'a, Result<Option<gg::Invocation>, StoreError>> {
+        let out = self.lock().invocations.get(key).map(|i| i.summary.clone());
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_targets<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .invocations
+            .get(key)
+            .map(|i| {
+                let from = match after {
+                    Some(a) => std::ops::Bound::Excluded(a),
+                    None => std::ops::Bound::Unbounded,
+                };
+                i.targets
+                    .range::<str, _>((from, std::ops::Bound::Unbounded))
+                    .take(limit)
+                    .map(|(_, t)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(inner);
+        async move { Ok(out) }.boxed()
+    }
+
+    fn get_log<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .invocations
+            .get(key)
+            .map(|i| {
+                // The first chunk holding `offset`, then on until `limit`.
+                let first = i.log.partition_point(|(o, t)| o + t.len() as i64 <= offset);
+                let mut bytes = 0;
+                i.log[first..]
+                    .iter()
+                    .take_while(|(_, t)| {
+                        let more = bytes < limit;
+                        bytes += t.len();
+                        more
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(inner);
+        async move { Ok(out) }.boxed()
     }
 }

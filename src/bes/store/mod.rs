@@ -21,17 +21,22 @@
 //! - sequence numbers of a stream are consecutive from 1; an event at or below
 //!   the last stored number is a duplicate (never stored twice); one above the
 //!   next expected number is a [`Rejection::Gap`];
-//! - a stream belongs to the instance it was created under; events under
-//!   another instance are a [`Rejection::OtherInstance`];
+//! - a stream is keyed by its instance too ([`StreamKey::instance`]): two
+//!   instances publishing for the same build id write two separate streams,
+//!   and neither can tell from the answers that the other exists;
 //! - nothing follows a stream's final event ([`Rejection::Finished`]);
 //! - [`EventStore::publish_events`] returns only after the stored events are
-//!   durable (for the durable stores), so acknowledging them is safe.
+//!   durable (for the durable stores), so acknowledging them is safe;
+//! - the invocation a batch of events feeds ([`crate::bes::invocation`]) is
+//!   updated in the same transaction as the events are stored, from the
+//!   [`Fact`](crate::bes::invocation::Fact)s of the events stored now (never
+//!   of duplicates), so an invocation always agrees with its events.
 
 pub mod file;
 pub mod memory;
 pub mod postgres;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 
@@ -40,7 +45,9 @@ use futures_util::future::{BoxFuture, FutureExt};
 use regex::Regex;
 
 use super::event::{EventKind, Prepared, StreamKey};
+use super::invocation::InvocationKey;
 use crate::config::BuildEventsConfig;
+use crate::proto::gridgate::v1 as gg;
 
 /// What happened to one published event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +64,6 @@ pub enum Outcome {
 pub enum Rejection {
     /// The event skips sequence numbers: the stream expects `expected` next.
     Gap { expected: i64, got: i64 },
-    /// The stream belongs to another instance.
-    OtherInstance { owner: String },
     /// The stream has received its final event (number `last`) already.
     Finished { last: i64, got: i64 },
     /// The store is full and nothing can be evicted to make room.
@@ -90,10 +95,8 @@ pub enum StoreError {
 /// What a store knows about one stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamInfo {
-    /// The stream.
+    /// The stream (its instance included).
     pub key: StreamKey,
-    /// The instance that owns it.
-    pub instance: String,
     /// The highest stored sequence number.
     pub last_seq: i64,
     /// Whether its final event is stored.
@@ -164,14 +167,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// The backend's name for logs (`memory`, `file`, `postgres`).
     fn backend(&self) -> &'static str;
 
-    /// Stores `events` (all of one stream, in the order received) under
-    /// `instance`, creating the stream with its event number 1 (BuildGrid's
-    /// `new_stream` + `publish_event`). Stops at the first refused event;
-    /// the ones before it stay stored. Returns after the stored events are
-    /// durable.
+    /// Stores `events` (all of one stream, in the order received), creating
+    /// the stream with its event number 1 (BuildGrid's `new_stream` +
+    /// `publish_event`). Stops at the first refused event; the ones before
+    /// it stay stored. Returns after the stored events are durable.
     fn publish_events<'a>(
         &'a self,
-        instance: &'a str,
         events: &'a [Prepared],
     ) -> BoxFuture<'a, Result<Published, StoreError>>;
 
@@ -218,6 +219,147 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The store's counters.
     fn stats(&self) -> StoreStats;
+
+    /// Invocations matching `query`, newest first (start time, then instance
+    /// and invocation id, descending), after `query.after`, at most `limit`.
+    fn list_invocations<'a>(
+        &'a self,
+        query: &'a InvocationQuery,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Invocation>, StoreError>>;
+
+    /// One invocation's summary.
+    fn get_invocation<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+    ) -> BoxFuture<'a, Result<Option<gg::Invocation>, StoreError>>;
+
+    /// An invocation's targets in label order, after `after` (exclusive), at
+    /// most `limit`.
+    fn get_targets<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<gg::Target>, StoreError>>;
+
+    /// One step of retention: deletes up to `batch` streams (with their
+    /// events and the invocations they feed) whose last event was stored
+    /// before `expire_before` (ms since the epoch, by this server's clock),
+    /// and marks invocations still running whose last event was stored
+    /// before `abandon_before` as abandoned (up to `batch`).
+    fn sweep<'a>(
+        &'a self,
+        expire_before: Option<i64>,
+        abandon_before: Option<i64>,
+        batch: usize,
+    ) -> BoxFuture<'a, Result<Swept, StoreError>>;
+
+    /// The console output chunks (offset, text) of an invocation that hold
+    /// bytes at or after `offset`, in order, until about `limit` bytes.
+    fn get_log<'a>(
+        &'a self,
+        key: &'a InvocationKey,
+        offset: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>>;
+}
+
+/// What one [`EventStore::sweep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Streams deleted (past the maximum age).
+    pub deleted_streams: u64,
+    /// Invocations marked abandoned.
+    pub abandoned: u64,
+}
+
+/// Now, in milliseconds since the Unix epoch (the stores' clock for ages).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Which invocations [`EventStore::list_invocations`] returns. Every set
+/// field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvocationQuery {
+    /// Only this instance.
+    pub instance: Option<String>,
+    /// Only this build id.
+    pub build_id: Option<String>,
+    /// Only this BUILD_USER.
+    pub user: Option<String>,
+    /// Only this state.
+    pub state: Option<gg::InvocationState>,
+    /// Only this command.
+    pub command: Option<String>,
+    /// Only invocations one of whose target patterns contains this.
+    pub pattern: Option<String>,
+    /// Only invocations whose build metadata has all of these pairs.
+    pub metadata: Vec<(String, String)>,
+    /// Only invocations started at or after this (ms since the epoch).
+    pub started_after: Option<i64>,
+    /// Only invocations started before this.
+    pub started_before: Option<i64>,
+    /// Only invocations after this one in the listing order.
+    pub after: Option<Cursor>,
+}
+
+/// A position in the invocation listing (newest first).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    /// Start time (ms since the epoch).
+    pub start_millis: i64,
+    /// Instance.
+    pub instance: String,
+    /// Invocation id.
+    pub invocation_id: String,
+}
+
+impl Cursor {
+    /// The cursor of an invocation.
+    pub fn of(inv: &gg::Invocation) -> Cursor {
+        Cursor {
+            start_millis: inv.start_time_millis,
+            instance: inv.instance_name.clone(),
+            invocation_id: inv.invocation_id.clone(),
+        }
+    }
+}
+
+impl InvocationQuery {
+    /// Whether `inv` passes every filter except the position (`after`),
+    /// which stores apply with their indexes.
+    pub fn matches(&self, inv: &gg::Invocation) -> bool {
+        self.instance
+            .as_ref()
+            .is_none_or(|i| *i == inv.instance_name)
+            && self.build_id.as_ref().is_none_or(|b| *b == inv.build_id)
+            && self.user.as_ref().is_none_or(|u| *u == inv.user)
+            && self.state.is_none_or(|s| s == inv.state())
+            && self.command.as_ref().is_none_or(|c| *c == inv.command)
+            && self
+                .pattern
+                .as_ref()
+                .is_none_or(|p| inv.patterns.iter().any(|x| x.contains(p.as_str())))
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| inv.build_metadata.get(k) == Some(v))
+            && self
+                .started_after
+                .is_none_or(|t| inv.start_time_millis >= t)
+            && self
+                .started_before
+                .is_none_or(|t| inv.start_time_millis < t)
+    }
+
+    /// Whether a row at `c` comes after the query's position.
+    pub fn is_after(&self, c: &Cursor) -> bool {
+        self.after.as_ref().is_none_or(|a| c < a)
+    }
 }
 
 /// Opens the configured store (creating files, connecting and migrating the
@@ -227,7 +369,18 @@ pub async fn open(config: &BuildEventsConfig) -> Result<Arc<dyn EventStore>, Sto
         BuildEventsConfig::Memory { max_bytes } => Arc::new(memory::MemoryStore::new(*max_bytes)),
         BuildEventsConfig::File { path } => Arc::new(file::FileStore::open(path).await?),
         BuildEventsConfig::Postgres { url } => {
-            Arc::new(postgres::PostgresStore::connect(url).await?)
+            let store = Arc::new(postgres::PostgresStore::connect(url).await?);
+            // Streams stored before invocations were indexed get theirs
+            // built in the background (a publish to one does it at once).
+            let backfill = store.clone();
+            tokio::spawn(async move {
+                match backfill.backfill().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(streams = n, "build events: invocations built for streams stored before indexing"),
+                    Err(e) => tracing::warn!("build events: building invocations of older streams failed (a publish to one builds it): {e}"),
+                }
+            });
+            store
         }
     })
 }
@@ -237,7 +390,6 @@ pub async fn open(config: &BuildEventsConfig) -> Result<Arc<dyn EventStore>, Sto
 /// updates `state` as if it was stored.
 pub(crate) fn check_event(
     state: &mut Option<StreamInfo>,
-    instance: &str,
     event: &Prepared,
 ) -> Result<Step, Rejection> {
     match state {
@@ -250,18 +402,12 @@ pub(crate) fn check_event(
             }
             *state = Some(StreamInfo {
                 key: event.stream.clone(),
-                instance: instance.to_string(),
                 last_seq: 1,
                 finished: event.kind.finishes_stream(),
             });
             Ok(Step::Create)
         }
         Some(s) => {
-            if s.instance != instance {
-                return Err(Rejection::OtherInstance {
-                    owner: s.instance.clone(),
-                });
-            }
             if event.seq <= s.last_seq {
                 return Ok(Step::Duplicate);
             }
@@ -282,6 +428,39 @@ pub(crate) fn check_event(
             Ok(Step::Append)
         }
     }
+}
+
+/// The literal text every build id a pattern can match starts with, when the
+/// pattern is anchored at the start (`^…`) and has no alternation: the
+/// pattern's leading literal characters up to the first `.` of the key (a
+/// key is `{build_id}.{component}.{invocation_id}`, so a key starting with a
+/// text that holds no `.` has a build id starting with it).
+pub(crate) fn build_id_prefix(pattern: &str) -> Option<String> {
+    let rest = pattern.strip_prefix('^')?;
+    if pattern.contains('|') {
+        return None;
+    }
+    let mut out = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        let literal = match c {
+            '\\' => match chars.next() {
+                Some(e) if e.is_ascii_punctuation() => e,
+                _ => break, // \d, \w, \b, ...: not a literal
+            },
+            '.' | '[' | ']' | '(' | ')' | '{' | '}' | '*' | '+' | '?' | '^' | '$' => break,
+            c => c,
+        };
+        // A quantifier after it makes the character optional or repeated.
+        if matches!(chars.peek(), Some('*' | '?' | '{' | '+')) {
+            break;
+        }
+        if literal == '.' {
+            break;
+        }
+        out.push(literal);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// What [`check_event`] decided.

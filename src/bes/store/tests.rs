@@ -16,11 +16,17 @@ use crate::proto::google::devtools::build::v1::{
     build_event, BuildEvent, OrderedBuildEvent, StreamId,
 };
 
+/// A stream of team-a.
 fn key(build: &str, inv: &str, component: i32) -> StreamKey {
+    key_of("team-a", build, inv, component)
+}
+
+fn key_of(instance: &str, build: &str, inv: &str, component: i32) -> StreamKey {
     StreamKey {
         build_id: build.into(),
         invocation_id: inv.into(),
         component,
+        instance: instance.into(),
     }
 }
 
@@ -53,6 +59,7 @@ fn ev(k: &StreamKey, seq: i64, last: bool) -> Prepared {
                 event: Some(event),
             }),
         },
+        &k.instance,
         1 << 20,
     )
     .unwrap()
@@ -87,20 +94,14 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
 
     // A stream is created by its event 1 and grows by consecutive numbers.
     let k = key(&b("life"), "inv", 3);
-    let p = store
-        .publish_events("team-a", &evs(&k, 1..=3, 0))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 1..=3, 0)).await.unwrap();
     assert_eq!(p.outcomes, stored(3), "{name}");
     assert_eq!(p.rejection, None);
-    let p = store
-        .publish_events("team-a", &evs(&k, 4..=6, 6))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 4..=6, 6)).await.unwrap();
     assert_eq!(p.outcomes, stored(3), "{name}");
     let info = store.get_stream(&k).await.unwrap().unwrap();
     assert_eq!(
-        (info.instance.as_str(), info.last_seq, info.finished),
+        (info.key.instance.as_str(), info.last_seq, info.finished),
         ("team-a", 6, true),
         "{name}"
     );
@@ -168,10 +169,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     );
 
     // Nothing follows a final event.
-    let p = store
-        .publish_events("team-a", &[ev(&k, 7, false)])
-        .await
-        .unwrap();
+    let p = store.publish_events(&[ev(&k, 7, false)]).await.unwrap();
     assert_eq!(
         p.rejection,
         Some(Rejection::Finished { last: 6, got: 7 }),
@@ -181,29 +179,17 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     // Retransmissions are acknowledged, never stored twice; a different
     // event at a stored number is reported as not identical.
     let k = key(&b("dup"), "inv", 3);
-    store
-        .publish_events("team-a", &evs(&k, 1..=3, 0))
-        .await
-        .unwrap();
-    let p = store
-        .publish_events("team-a", &evs(&k, 1..=3, 0))
-        .await
-        .unwrap();
+    store.publish_events(&evs(&k, 1..=3, 0)).await.unwrap();
+    let p = store.publish_events(&evs(&k, 1..=3, 0)).await.unwrap();
     assert_eq!(p.outcomes, vec![DUP; 3], "{name}");
-    let p = store
-        .publish_events("team-a", &[ev(&k, 1, true)])
-        .await
-        .unwrap();
+    let p = store.publish_events(&[ev(&k, 1, true)]).await.unwrap();
     assert_eq!(
         p.outcomes,
         vec![Outcome::Duplicate { identical: false }],
         "{name}"
     );
     // A continuation stream starting at an already stored number.
-    let p = store
-        .publish_events("team-a", &evs(&k, 2..=5, 0))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 2..=5, 0)).await.unwrap();
     assert_eq!(
         p.outcomes,
         vec![DUP, DUP, Outcome::Stored, Outcome::Stored],
@@ -214,10 +200,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     // Gaps: a new stream must start at 1; a batch stops at its first gap and
     // keeps what came before it.
     let k = key(&b("gap"), "inv", 3);
-    let p = store
-        .publish_events("team-a", &evs(&k, 2..=3, 0))
-        .await
-        .unwrap();
+    let p = store.publish_events(&evs(&k, 2..=3, 0)).await.unwrap();
     assert_eq!(p.outcomes, vec![], "{name}");
     assert_eq!(
         p.rejection,
@@ -233,7 +216,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
         ev(&k, 4, false),
         ev(&k, 5, false),
     ];
-    let p = store.publish_events("team-a", &batch).await.unwrap();
+    let p = store.publish_events(&batch).await.unwrap();
     assert_eq!(p.outcomes, stored(2), "{name}");
     assert_eq!(
         p.rejection,
@@ -245,44 +228,83 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
     );
     assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
 
-    // A stream belongs to the instance that created it.
+    // Streams are keyed by instance: team-b's events for team-a's build id
+    // go to team-b's own stream, which starts at 1 like any other; neither
+    // stream sees the other's events or learns that it exists.
+    let kb_gap = key_of("team-b", &b("gap"), "inv", 3);
     let p = store
-        .publish_events("team-b", &[ev(&k, 3, false)])
+        .publish_events(&[ev(&kb_gap, 3, false)])
         .await
         .unwrap();
     assert_eq!(
         p.rejection,
-        Some(Rejection::OtherInstance {
-            owner: "team-a".into()
+        Some(Rejection::Gap {
+            expected: 1,
+            got: 3
         }),
-        "{name}"
+        "{name}: the same answer as for a build id never seen"
     );
-    let p = store
-        .publish_events("team-b", &[ev(&k, 1, false)])
+    let p = store.publish_events(&[ev(&kb_gap, 1, true)]).await.unwrap();
+    assert_eq!(p.outcomes, stored(1), "{name}");
+    assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
+    assert_eq!(seqs(store, &kb_gap).await, vec![1], "{name}");
+    let mine = store
+        .query_events(&kb_gap, &EventFilter::default())
         .await
         .unwrap();
-    assert!(
-        matches!(p.rejection, Some(Rejection::OtherInstance { .. })),
-        "{name}: even a retransmission"
+    assert_eq!(mine[0].kind, EventKind::ComponentStreamFinished, "{name}");
+    // Squatting: team-b enqueues a build id first, then team-a publishes
+    // its whole lifecycle for it; each sees only its own.
+    let squat_b = key_of("team-b", &b("squat"), "", 1);
+    let squat_a = key(&b("squat"), "", 1);
+    let p = store
+        .publish_events(&evs(&squat_b, 1..=1, 0))
+        .await
+        .unwrap();
+    assert_eq!(p.outcomes, stored(1), "{name}");
+    let p = store
+        .publish_events(&evs(&squat_a, 1..=2, 2))
+        .await
+        .unwrap();
+    assert_eq!((p.outcomes, p.rejection), (stored(2), None), "{name}");
+    assert_eq!(seqs(store, &squat_a).await, vec![1, 2], "{name}");
+    assert_eq!(seqs(store, &squat_b).await, vec![1], "{name}");
+    assert!(store.get_stream(&squat_a).await.unwrap().unwrap().finished);
+    assert!(!store.get_stream(&squat_b).await.unwrap().unwrap().finished);
+    let re = &Regex::new(&format!("^{}", regex::escape(&b("squat")))).unwrap();
+    let of = |i| async move {
+        store
+            .get_matching_streams(re, i)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.key)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(Some("team-a")).await, vec![squat_a.clone()], "{name}");
+    assert_eq!(of(Some("team-b")).await, vec![squat_b.clone()], "{name}");
+    assert_eq!(
+        of(None).await,
+        vec![squat_a.clone(), squat_b.clone()],
+        "{name}"
     );
-    assert_eq!(seqs(store, &k).await, vec![1, 2], "{name}");
+    let both = store
+        .query_events_many(&[squat_b.clone(), squat_a.clone()], &EventFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        both.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![1, 2],
+        "{name}"
+    );
 
     // Matching streams: the pattern searches `build.component.invocation`.
     let kb = key(&b("match"), "", 1);
-    let ki = key(&b("match"), "inv-1", 1);
+    let ki = key_of("team-b", &b("match"), "inv-1", 1);
     let kt = key(&b("match"), "inv-1", 3);
-    store
-        .publish_events("team-a", &evs(&kb, 1..=1, 0))
-        .await
-        .unwrap();
-    store
-        .publish_events("team-b", &evs(&ki, 1..=1, 0))
-        .await
-        .unwrap();
-    store
-        .publish_events("team-a", &evs(&kt, 1..=2, 2))
-        .await
-        .unwrap();
+    store.publish_events(&evs(&kb, 1..=1, 0)).await.unwrap();
+    store.publish_events(&evs(&ki, 1..=1, 0)).await.unwrap();
+    store.publish_events(&evs(&kt, 1..=2, 2)).await.unwrap();
     let re = |p: &str| Regex::new(p).unwrap();
     let found = |p: &'static str, i: Option<&'static str>| {
         let re = re(p);
@@ -338,7 +360,7 @@ pub(crate) async fn conformance(store: Arc<dyn EventStore>, tag: &str) {
             .collect();
         tasks.push(async move {
             for batch in &batches {
-                let p = store.publish_events("team-a", batch).await.unwrap();
+                let p = store.publish_events(batch).await.unwrap();
                 assert_eq!(p.outcomes, stored(10));
             }
             k
@@ -362,10 +384,7 @@ pub(crate) async fn racing_publishers(a: Arc<dyn EventStore>, b: Arc<dyn EventSt
         let mut next = 0;
         while next < events.len() {
             let end = (next + 7).min(events.len());
-            let p = store
-                .publish_events("team-a", &events[next..end])
-                .await
-                .unwrap();
+            let p = store.publish_events(&events[next..end]).await.unwrap();
             assert_eq!(p.rejection, None);
             next = end;
         }
@@ -389,13 +408,13 @@ async fn memory_store_evicts_oldest_finished_streams_first() {
     // Three finished streams, then one still running.
     for i in 0..3 {
         store
-            .publish_events("a", &evs(&done(i), 1..=3, 3))
+            .publish_events(&evs(&done(i), 1..=3, 3))
             .await
             .unwrap();
     }
     let running = key("running", "inv", 3);
     store
-        .publish_events("a", &evs(&running, 1..=2, 0))
+        .publish_events(&evs(&running, 1..=2, 0))
         .await
         .unwrap();
     assert_eq!(store.stats().evicted_streams, 0);
@@ -403,10 +422,7 @@ async fn memory_store_evicts_oldest_finished_streams_first() {
     let big = key("big", "inv", 3);
     let mut seq = 1;
     while store.stats().evicted_streams < 2 {
-        let p = store
-            .publish_events("a", &[ev(&big, seq, false)])
-            .await
-            .unwrap();
+        let p = store.publish_events(&[ev(&big, seq, false)]).await.unwrap();
         assert_eq!(p.outcomes, stored(1));
         seq += 1;
     }
@@ -421,20 +437,17 @@ async fn memory_store_evicts_oldest_finished_streams_first() {
     let huge = key("huge", "inv", 3);
     let mut e = ev(&huge, 1, false);
     e.body = vec![0u8; 9000].into();
-    let p = store.publish_events("a", &[e]).await.unwrap();
+    let p = store.publish_events(&[e]).await.unwrap();
     assert_eq!(p.rejection, Some(Rejection::Full { budget: 8 * 1024 }));
     // Refused in the middle of a batch: what came before stays, consistently.
     let mut batch = evs(&huge, 1..=3, 0);
     batch[1].body = vec![0u8; 9000].into();
-    let p = store.publish_events("a", &batch).await.unwrap();
+    let p = store.publish_events(&batch).await.unwrap();
     assert_eq!(p.outcomes, stored(1));
     assert_eq!(p.rejection, Some(Rejection::Full { budget: 8 * 1024 }));
     let info = store.get_stream(&huge).await.unwrap().unwrap();
-    assert_eq!((info.instance.as_str(), info.last_seq), ("a", 1));
-    let p = store
-        .publish_events("a", &evs(&huge, 2..=3, 3))
-        .await
-        .unwrap();
+    assert_eq!((info.key.instance.as_str(), info.last_seq), ("team-a", 1));
+    let p = store.publish_events(&evs(&huge, 2..=3, 3)).await.unwrap();
     assert_eq!(p.outcomes, stored(2));
     assert!(store.get_stream(&huge).await.unwrap().unwrap().finished);
 }
@@ -452,7 +465,7 @@ async fn file_store_conformance() {
     let store = file::FileStore::open(&path).await.unwrap();
     assert_eq!(seqs(&store, &k).await, vec![1, 2, 3, 4, 5, 6]);
     let p = store
-        .publish_events("team-a", &evs(&key("after", "i", 3), 1..=2, 0))
+        .publish_events(&evs(&key("after", "i", 3), 1..=2, 0))
         .await
         .unwrap();
     assert_eq!(p.outcomes, stored(2));
@@ -534,4 +547,322 @@ async fn postgres_store_conformance() {
     // Two replicas: two stores (pools) on one database, racing on one stream.
     let other = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
     racing_publishers(store, other, "pg").await;
+}
+
+/// The invocation index, against one store: recorded Bazel streams
+/// published in batches read back exactly as the model builds them in one
+/// go; listing order, filters and paging; targets and console output paged;
+/// retransmissions not counted twice; instances kept apart.
+pub(crate) async fn invocations_conformance(store: Arc<dyn EventStore>, tag: &str) {
+    use crate::bes::invocation::tests::{build, recorded, tool_stream_of};
+    use crate::bes::invocation::InvocationKey;
+    use crate::proto::gridgate::v1 as gg;
+
+    let store = &*store;
+    let name = store.backend();
+    let runs = [
+        ("bazel-2.1.0/build.bin", "team-a"),
+        ("bazel-2.1.0/test.bin", "team-a"),
+        ("bazel-4.2.3/build.bin", "team-a"),
+        ("bazel-4.2.3/test.bin", "team-a"),
+        ("bazel-4.2.3/test.bin", "team-b"),
+    ];
+    let mut expected = Vec::new();
+    for (n, (file, instance)) in runs.iter().enumerate() {
+        // team-b reuses team-a's last invocation id and build id.
+        let n = if *instance == "team-b" { n - 1 } else { n };
+        let k = key_of(
+            instance,
+            &format!("{tag}-inv-b{n}"),
+            &format!("{tag}-inv-{n}"),
+            3,
+        );
+        let events = tool_stream_of(&k, &recorded(file), 1_700_000_000 + n as i64 * 1000);
+        for batch in events.chunks(10) {
+            let p = store.publish_events(batch).await.unwrap();
+            assert_eq!(p.outcomes, stored(batch.len()), "{name} {file}");
+        }
+        // A retransmission changes nothing.
+        let p = store.publish_events(&events[..5]).await.unwrap();
+        assert_eq!(p.outcomes, vec![DUP; 5], "{name}");
+        let (inv, targets) = build(&events, events.len());
+        let ikey = InvocationKey::of(&k).unwrap();
+        assert_eq!(
+            store.get_invocation(&ikey).await.unwrap().as_ref(),
+            Some(&inv),
+            "{name} {file}"
+        );
+        // Targets page by label.
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.get_targets(&ikey, after.as_deref(), 2).await.unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            after = Some(last.label.clone());
+            paged.extend(page);
+        }
+        assert_eq!(
+            paged,
+            targets.into_values().collect::<Vec<_>>(),
+            "{name} {file}"
+        );
+        // The console output, whole and from the middle of a chunk.
+        let log_bytes = inv.counts.as_ref().unwrap().log_bytes as usize;
+        let chunks = store.get_log(&ikey, 0, 1 << 30).await.unwrap();
+        let whole: Vec<u8> = chunks.iter().flat_map(|(_, t)| t.to_vec()).collect();
+        assert_eq!(whole.len(), log_bytes, "{name} {file}");
+        assert_eq!(chunks.first().map(|c| c.0), (log_bytes > 0).then_some(0));
+        if let Some((offset, text)) = chunks.get(1).filter(|(_, t)| t.len() > 1) {
+            let from = store.get_log(&ikey, offset + 1, 1).await.unwrap();
+            assert_eq!(from.first(), Some(&(*offset, text.clone())), "{name}");
+        }
+        expected.push(inv);
+    }
+
+    // Newest first (the Bazel 4 runs were recorded after the Bazel 2.1 runs).
+    let list = |q: InvocationQuery, limit: usize| async move {
+        store
+            .list_invocations(&q, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.invocation_id.starts_with(tag))
+            .collect::<Vec<_>>()
+    };
+    let mut newest: Vec<gg::Invocation> = expected.clone();
+    newest.sort_by_key(|i| std::cmp::Reverse(Cursor::of(i)));
+    let mine = |instance: &str| InvocationQuery {
+        instance: Some(instance.into()),
+        ..Default::default()
+    };
+    let team_a: Vec<_> = newest
+        .iter()
+        .filter(|i| i.instance_name == "team-a")
+        .cloned()
+        .collect();
+    assert_eq!(list(mine("team-a"), 100).await, team_a, "{name}");
+    assert_eq!(list(mine("team-b"), 100).await.len(), 1, "{name}");
+    assert_eq!(
+        list(InvocationQuery::default(), 1000).await,
+        newest,
+        "{name}"
+    );
+    // Paged by cursor, one at a time, the same list.
+    let mut paged = Vec::new();
+    let mut q = mine("team-a");
+    loop {
+        let page = store.list_invocations(&q, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        q.after = Some(Cursor::of(last));
+        paged.extend(
+            page.into_iter()
+                .filter(|i| i.invocation_id.starts_with(tag)),
+        );
+    }
+    assert_eq!(paged, team_a, "{name}");
+    // Filters.
+    let by = |f: &dyn Fn(&mut InvocationQuery)| {
+        let mut q = mine("team-a");
+        f(&mut q);
+        q
+    };
+    let tests = list(by(&|q| q.command = Some("test".into())), 100).await;
+    assert_eq!(tests.len(), 2, "{name}");
+    assert!(tests.iter().all(|i| i.command == "test"));
+    let failed = list(by(&|q| q.state = Some(gg::InvocationState::Failed)), 100).await;
+    assert_eq!(failed.len(), 4, "{name}");
+    assert!(
+        list(by(&|q| q.state = Some(gg::InvocationState::Running)), 100)
+            .await
+            .is_empty()
+    );
+    let user = expected[0].user.clone();
+    assert_eq!(
+        list(by(&|q| q.user = Some(user.clone())), 100).await.len(),
+        4
+    );
+    assert!(list(by(&|q| q.user = Some("nobody".into())), 100)
+        .await
+        .is_empty());
+    assert_eq!(
+        list(by(&|q| q.pattern = Some(":sharded".into())), 100)
+            .await
+            .len(),
+        2,
+        "{name}"
+    );
+    let md = |k: &str, v: &str| (k.to_string(), v.to_string());
+    assert_eq!(
+        list(
+            by(&|q| q.metadata = vec![md("REPO", "example/repo"), md("COMMIT", "abc123")]),
+            100
+        )
+        .await
+        .len(),
+        4,
+        "{name}"
+    );
+    assert!(list(by(&|q| q.metadata = vec![md("REPO", "other")]), 100)
+        .await
+        .is_empty());
+    let b = expected[1].build_id.clone();
+    assert_eq!(
+        list(by(&|q| q.build_id = Some(b.clone())), 100).await,
+        vec![expected[1].clone()]
+    );
+    let t = expected[2].start_time_millis;
+    let since = list(by(&|q| q.started_after = Some(t)), 100).await;
+    assert!(since.iter().all(|i| i.start_time_millis >= t) && !since.is_empty());
+    let before = list(by(&|q| q.started_before = Some(t)), 100).await;
+    assert!(before.iter().all(|i| i.start_time_millis < t));
+    assert_eq!(since.len() + before.len(), team_a.len(), "{name}");
+}
+
+#[tokio::test]
+async fn memory_store_invocations() {
+    invocations_conformance(Arc::new(memory::MemoryStore::new(64 << 20)), "mem").await;
+}
+
+#[tokio::test]
+async fn file_store_invocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        file::FileStore::open(&dir.path().join("e.redb"))
+            .await
+            .unwrap(),
+    );
+    invocations_conformance(store, "file").await;
+}
+
+#[tokio::test]
+async fn postgres_store_invocations() {
+    let Some((url, _schema)) = postgres_schema("invocations").await else {
+        return;
+    };
+    let store = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
+    invocations_conformance(store, "pg").await;
+}
+
+/// Retention against one store: streams past their age go with their events
+/// and invocations, in batches; a silent unfinished invocation is marked
+/// abandoned and runs again when its stream speaks.
+pub(crate) async fn retention_conformance(store: Arc<dyn EventStore>, tag: &str) {
+    use crate::bes::invocation::tests::{recorded, tool_stream_of};
+    use crate::bes::invocation::InvocationKey;
+    use crate::proto::gridgate::v1 as gg;
+
+    let store = &*store;
+    let name = store.backend();
+    let payloads = recorded("bazel-4.2.3/build.bin");
+    let keys: Vec<StreamKey> = (0..5)
+        .map(|i| key(&format!("{tag}-ret-{i}"), &format!("{tag}-ret-inv-{i}"), 3))
+        .collect();
+    for k in &keys {
+        let events = tool_stream_of(k, &payloads, 1_700_000_000);
+        store.publish_events(&events).await.unwrap();
+    }
+    // A half-published invocation: running.
+    let open = key(
+        &format!("{tag}-ret-open"),
+        &format!("{tag}-ret-open-inv"),
+        3,
+    );
+    let events = tool_stream_of(&open, &payloads, 1_700_000_000);
+    let half = events.len() / 2;
+    store.publish_events(&events[..half]).await.unwrap();
+    let open_inv = InvocationKey::of(&open).unwrap();
+    let state = |k: &InvocationKey| {
+        let k = k.clone();
+        async move { store.get_invocation(&k).await.unwrap().map(|i| i.state()) }
+    };
+    assert_eq!(state(&open_inv).await, Some(gg::InvocationState::Running));
+
+    // Nothing is due yet.
+    let past = now_millis() - 60_000;
+    let s = store.sweep(Some(past), Some(past), 2).await.unwrap();
+    assert_eq!(s, Swept::default(), "{name}");
+
+    // Abandon: the running one only; finished ones stay as they are.
+    let soon = now_millis() + 60_000;
+    let s = store.sweep(None, Some(soon), 100).await.unwrap();
+    assert!(s.abandoned >= 1, "{name}: {s:?}");
+    assert_eq!(state(&open_inv).await, Some(gg::InvocationState::Abandoned));
+    let done = InvocationKey::of(&keys[0]).unwrap();
+    assert_eq!(state(&done).await, Some(gg::InvocationState::Failed));
+    // Its stream speaks again: running again.
+    store.publish_events(&events[half..half + 1]).await.unwrap();
+    assert_eq!(state(&open_inv).await, Some(gg::InvocationState::Running));
+
+    // Expire everything written so far, two streams per batch.
+    let mut deleted = 0;
+    loop {
+        let s = store.sweep(Some(soon), None, 2).await.unwrap();
+        assert!(s.deleted_streams <= 2, "{name}: {s:?}");
+        if s.deleted_streams == 0 {
+            break;
+        }
+        deleted += s.deleted_streams;
+    }
+    assert!(deleted >= 6, "{name}: {deleted}");
+    for k in keys.iter().chain([&open]) {
+        assert_eq!(store.get_stream(k).await.unwrap(), None, "{name}");
+        assert!(seqs(store, k).await.is_empty(), "{name}");
+        let ik = InvocationKey::of(k).unwrap();
+        assert_eq!(store.get_invocation(&ik).await.unwrap(), None, "{name}");
+        assert!(
+            store.get_targets(&ik, None, 10).await.unwrap().is_empty(),
+            "{name}"
+        );
+        assert!(
+            store.get_log(&ik, 0, 1 << 20).await.unwrap().is_empty(),
+            "{name}"
+        );
+    }
+    let listed = store
+        .list_invocations(&InvocationQuery::default(), 1000)
+        .await
+        .unwrap();
+    assert!(
+        !listed
+            .iter()
+            .any(|i| i.invocation_id.starts_with(&format!("{tag}-ret"))),
+        "{name}"
+    );
+    // A stream of the same key starts afresh.
+    let again = tool_stream_of(&keys[0], &payloads, 1_700_000_000);
+    let p = store.publish_events(&again[..3]).await.unwrap();
+    assert_eq!(p.outcomes, stored(3), "{name}");
+}
+
+#[tokio::test]
+async fn memory_store_retention() {
+    let store = Arc::new(memory::MemoryStore::new(64 << 20));
+    retention_conformance(store.clone(), "mem").await;
+    // Deleting frees the budget.
+    store
+        .sweep(Some(now_millis() + 60_000), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(store.stats().bytes, 0);
+}
+
+#[tokio::test]
+async fn file_store_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        file::FileStore::open(&dir.path().join("r.redb"))
+            .await
+            .unwrap(),
+    );
+    retention_conformance(store, "file").await;
+}
+
+#[tokio::test]
+async fn postgres_store_retention() {
+    let Some((url, _schema)) = postgres_schema("retention").await else {
+        return;
+    };
+    let store = Arc::new(postgres::PostgresStore::connect(&url).await.unwrap());
+    retention_conformance(store, "pg").await;
 }

@@ -1,0 +1,430 @@
+//! Bazel's Build Event Protocol decoded at ingest: each stored event becomes
+//! one [`Fact`], the part of it the invocation model reads.
+//!
+//! Decoding reads the event's stored (already redacted) bytes, so nothing a
+//! fact carries can hold a credential the stored event does not. The path to
+//! the `bazel_event` payload is read with a slim message ([`Envelope`]) whose
+//! `bytes` field borrows from the stored buffer, and the payload is decoded
+//! once as `build_event_stream.BuildEvent`. Unknown fields are skipped, so
+//! Bazel 2.1, 4.2 and newer streams all decode. An event that does not decode
+//! is [`Fact::Undecodable`]: counted on its invocation, never a publish
+//! failure (the raw event is stored either way).
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::bes::event::EventKind;
+use crate::proto::build_event_stream as bep;
+use crate::proto::google::devtools::build::v1::{build_event, OrderedBuildEvent};
+use crate::proto::gridgate::v1 as gg;
+
+/// Most bytes of one label, pattern or other string a fact keeps.
+const MAX_STRING: usize = 4096;
+/// Most items of one list a fact keeps (patterns, command line words, ...).
+const MAX_ITEMS: usize = 1000;
+
+/// What one event tells about its invocation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Fact {
+    /// Nothing the model reads.
+    #[default]
+    Nothing,
+    /// A `bazel_event` that is not a decodable `build_event_stream.BuildEvent`.
+    Undecodable,
+    /// Lifecycle: the invocation attempt started.
+    AttemptStarted,
+    /// Lifecycle: the attempt finished with this `BuildStatus.Result`.
+    AttemptFinished { result: i32 },
+    /// BEP BuildStarted.
+    Started {
+        uuid: String,
+        command: String,
+        version: String,
+        start_millis: i64,
+        workspace: String,
+    },
+    /// BEP PatternExpanded (the id carries the patterns).
+    Patterns(Vec<String>),
+    /// BEP UnstructuredCommandLine.
+    CommandLine(Vec<String>),
+    /// BEP WorkspaceStatus: BUILD_USER and BUILD_HOST.
+    WorkspaceStatus {
+        user: Option<String>,
+        host: Option<String>,
+    },
+    /// BEP BuildMetadata.
+    Metadata(Vec<(String, String)>),
+    /// BEP TargetConfigured.
+    Configured {
+        label: String,
+        kind: String,
+        test_size: String,
+    },
+    /// BEP TargetComplete.
+    Completed {
+        label: String,
+        success: bool,
+        failure_message: String,
+        root_causes: Vec<String>,
+    },
+    /// BEP Aborted for a target (configured, completed or test summary id).
+    Aborted {
+        label: String,
+        reason: String,
+        description: String,
+    },
+    /// BEP ActionExecuted (failed actions, by Bazel's default).
+    Action(gg::ActionFailure),
+    /// BEP TestResult: one attempt.
+    TestResult { label: String, run: gg::TestRun },
+    /// BEP TestSummary.
+    TestSummary {
+        label: String,
+        summary: gg::TestInfo,
+    },
+    /// BEP Progress: console output (stdout, then stderr).
+    Progress(String),
+    /// BEP BuildFinished.
+    Finished {
+        code: i32,
+        name: String,
+        finish_millis: i64,
+    },
+    /// BEP BuildMetrics.
+    Metrics(gg::Metrics),
+}
+
+impl Fact {
+    /// Roughly how many bytes the fact adds to its invocation's stored data
+    /// (for the memory store's budget).
+    pub fn weight(&self) -> u64 {
+        let s = |v: &str| v.len() as u64;
+        match self {
+            Fact::Nothing | Fact::Undecodable | Fact::AttemptStarted => 0,
+            Fact::AttemptFinished { .. } | Fact::Finished { .. } | Fact::Metrics(_) => 16,
+            Fact::Started {
+                uuid,
+                command,
+                version,
+                workspace,
+                ..
+            } => s(uuid) + s(command) + s(version) + s(workspace),
+            Fact::Patterns(v) | Fact::CommandLine(v) => v.iter().map(|x| s(x) + 2).sum(),
+            Fact::WorkspaceStatus { user, host } => {
+                user.as_deref().map_or(0, s) + host.as_deref().map_or(0, s)
+            }
+            Fact::Metadata(v) => v.iter().map(|(k, x)| s(k) + s(x) + 4).sum(),
+            Fact::Configured { label, kind, .. } => 2 * s(label) + s(kind) + 16,
+            Fact::Completed {
+                label,
+                failure_message,
+                root_causes,
+                ..
+            } => s(label) + s(failure_message) + root_causes.iter().map(|x| s(x)).sum::<u64>() + 8,
+            Fact::Aborted {
+                label, description, ..
+            } => s(label) + s(description) + 16,
+            Fact::Action(a) => a.encoded_len() as u64,
+            Fact::TestResult { label, run } => s(label) + run.encoded_len() as u64,
+            Fact::TestSummary { label, summary } => s(label) + summary.encoded_len() as u64,
+            Fact::Progress(text) => s(text),
+        }
+    }
+}
+
+/// The path from a stored `OrderedBuildEvent` to its `bazel_event` payload,
+/// borrowing the payload's bytes (`event` = 3, `bazel_event` = 60, `value` = 2).
+#[derive(Clone, PartialEq, Message)]
+struct Envelope {
+    #[prost(message, optional, tag = "3")]
+    event: Option<EnvelopeEvent>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct EnvelopeEvent {
+    #[prost(message, optional, tag = "60")]
+    bazel_event: Option<EnvelopeAny>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct EnvelopeAny {
+    #[prost(bytes = "bytes", tag = "2")]
+    value: Bytes,
+}
+
+/// The fact of a stored event (`body` is the encoded, redacted
+/// `OrderedBuildEvent`).
+pub fn decode(kind: EventKind, body: &Bytes) -> Fact {
+    match kind {
+        EventKind::BazelEvent => {
+            let payload = match Envelope::decode(body.clone()) {
+                Ok(Envelope {
+                    event:
+                        Some(EnvelopeEvent {
+                            bazel_event: Some(any),
+                        }),
+                }) => any.value,
+                _ => return Fact::Undecodable,
+            };
+            match bep::BuildEvent::decode(payload) {
+                Ok(e) => bep_fact(e),
+                Err(_) => Fact::Undecodable,
+            }
+        }
+        EventKind::InvocationAttemptStarted | EventKind::InvocationAttemptFinished => {
+            match OrderedBuildEvent::decode(body.clone())
+                .ok()
+                .and_then(|e| e.event)
+                .and_then(|e| e.event)
+            {
+                Some(build_event::Event::InvocationAttemptStarted(_)) => Fact::AttemptStarted,
+                Some(build_event::Event::InvocationAttemptFinished(f)) => Fact::AttemptFinished {
+                    result: f.invocation_status.map_or(0, |s| s.result),
+                },
+                _ => Fact::Nothing,
+            }
+        }
+        _ => Fact::Nothing,
+    }
+}
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_STRING {
+        let mut end = MAX_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn clip_all(mut v: Vec<String>) -> Vec<String> {
+    v.truncate(MAX_ITEMS);
+    v.into_iter().map(clip).collect()
+}
+
+fn file_uri(f: &bep::File) -> String {
+    match &f.file {
+        Some(bep::file::File::Uri(u)) => clip(u.clone()),
+        _ => String::new(),
+    }
+}
+
+fn test_status(n: i32) -> String {
+    bep::TestStatus::try_from(n)
+        .map_or("NO_STATUS", |s| s.as_str_name())
+        .to_string()
+}
+
+/// The label an event id names, for target and test events.
+fn id_label(id: Option<&bep::BuildEventId>) -> Option<String> {
+    use bep::build_event_id::Id;
+    Some(clip(match id?.id.as_ref()? {
+        Id::TargetConfigured(t) => t.label.clone(),
+        Id::TargetCompleted(t) => t.label.clone(),
+        Id::TestResult(t) => t.label.clone(),
+        Id::TestSummary(t) => t.label.clone(),
+        Id::ActionCompleted(a) => a.label.clone(),
+        Id::ConfiguredLabel(l) => l.label.clone(),
+        Id::UnconfiguredLabel(l) => l.label.clone(),
+        _ => return None,
+    }))
+}
+
+fn bep_fact(e: bep::BuildEvent) -> Fact {
+    use bep::build_event::Payload as P;
+    use bep::build_event_id::Id;
+    let Some(payload) = e.payload else {
+        return Fact::Nothing;
+    };
+    let label = || id_label(e.id.as_ref()).unwrap_or_default();
+    match payload {
+        P::Progress(p) => {
+            let mut text = p.stdout;
+            text.push_str(&p.stderr);
+            if text.is_empty() {
+                Fact::Nothing
+            } else {
+                Fact::Progress(text)
+            }
+        }
+        P::Started(s) => Fact::Started {
+            uuid: clip(s.uuid),
+            command: clip(s.command),
+            version: clip(s.build_tool_version),
+            start_millis: s.start_time_millis,
+            workspace: clip(s.workspace_directory),
+        },
+        P::Expanded(_) => match e.id.and_then(|i| i.id) {
+            Some(Id::Pattern(p)) => Fact::Patterns(clip_all(p.pattern)),
+            _ => Fact::Nothing,
+        },
+        P::UnstructuredCommandLine(c) => Fact::CommandLine(clip_all(c.args)),
+        P::WorkspaceStatus(w) => {
+            let get = |k: &str| {
+                w.item
+                    .iter()
+                    .find(|i| i.key == k)
+                    .map(|i| clip(i.value.clone()))
+            };
+            Fact::WorkspaceStatus {
+                user: get("BUILD_USER"),
+                host: get("BUILD_HOST"),
+            }
+        }
+        P::BuildMetadata(m) => {
+            let mut pairs: Vec<(String, String)> = m
+                .metadata
+                .into_iter()
+                .map(|(k, v)| (clip(k), clip(v)))
+                .collect();
+            pairs.sort();
+            pairs.truncate(MAX_ITEMS);
+            Fact::Metadata(pairs)
+        }
+        P::Configured(c) => Fact::Configured {
+            label: label(),
+            kind: clip(c.target_kind),
+            test_size: match bep::TestSize::try_from(c.test_size) {
+                Ok(bep::TestSize::Unknown) | Err(_) => String::new(),
+                Ok(s) => s.as_str_name().to_string(),
+            },
+        },
+        P::Completed(c) => {
+            let root_causes = if c.success {
+                Vec::new()
+            } else {
+                clip_all(
+                    e.children
+                        .iter()
+                        .filter_map(|child| match child.id.as_ref()? {
+                            Id::ActionCompleted(a) if !a.label.is_empty() => Some(a.label.clone()),
+                            Id::ActionCompleted(a) => Some(a.primary_output.clone()),
+                            Id::ConfiguredLabel(l) => Some(l.label.clone()),
+                            Id::UnconfiguredLabel(l) => Some(l.label.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                )
+            };
+            Fact::Completed {
+                label: label(),
+                success: c.success,
+                failure_message: c
+                    .failure_detail
+                    .map(|f| clip(f.message))
+                    .unwrap_or_default(),
+                root_causes,
+            }
+        }
+        P::Aborted(a) => match e.id.as_ref().and_then(|i| i.id.as_ref()) {
+            Some(
+                Id::TargetConfigured(_)
+                | Id::TargetCompleted(_)
+                | Id::TestSummary(_)
+                | Id::ConfiguredLabel(_)
+                | Id::UnconfiguredLabel(_),
+            ) => Fact::Aborted {
+                label: label(),
+                reason: bep::aborted::AbortReason::try_from(a.reason)
+                    .map_or("UNKNOWN", |r| r.as_str_name())
+                    .to_string(),
+                description: clip(a.description),
+            },
+            _ => Fact::Nothing,
+        },
+        P::Action(a) => {
+            let id_label = label();
+            Fact::Action(gg::ActionFailure {
+                mnemonic: clip(a.r#type),
+                #[allow(deprecated)]
+                label: if a.label.is_empty() {
+                    id_label
+                } else {
+                    clip(a.label)
+                },
+                exit_code: a.exit_code,
+                stdout_uri: a.stdout.as_ref().map(file_uri).unwrap_or_default(),
+                stderr_uri: a.stderr.as_ref().map(file_uri).unwrap_or_default(),
+                primary_output: a
+                    .primary_output
+                    .as_ref()
+                    .map(|f| clip(f.name.clone()))
+                    .unwrap_or_default(),
+                failure_message: a
+                    .failure_detail
+                    .map(|f| clip(f.message))
+                    .unwrap_or_default(),
+            })
+        }
+        P::TestResult(t) => {
+            let (run, shard, attempt) = match e.id.as_ref().and_then(|i| i.id.as_ref()) {
+                Some(Id::TestResult(r)) => (r.run, r.shard, r.attempt),
+                _ => (0, 0, 0),
+            };
+            let uri = |name: &str| {
+                t.test_action_output
+                    .iter()
+                    .find(|f| f.name == name)
+                    .map(file_uri)
+                    .unwrap_or_default()
+            };
+            Fact::TestResult {
+                label: label(),
+                run: gg::TestRun {
+                    run,
+                    shard,
+                    attempt,
+                    status: test_status(t.status),
+                    start_time_millis: t.test_attempt_start_millis_epoch,
+                    duration_millis: t.test_attempt_duration_millis,
+                    cached: t.cached_locally
+                        || t.execution_info.as_ref().is_some_and(|x| x.cached_remotely),
+                    test_log_uri: uri("test.log"),
+                    test_xml_uri: uri("test.xml"),
+                    status_details: clip(t.status_details.clone()),
+                },
+            }
+        }
+        P::TestSummary(s) => Fact::TestSummary {
+            label: label(),
+            summary: gg::TestInfo {
+                status: test_status(s.overall_status),
+                total_run_count: s.total_run_count,
+                run_count: s.run_count,
+                shard_count: s.shard_count,
+                total_num_cached: s.total_num_cached,
+                total_run_duration_millis: s.total_run_duration_millis,
+                runs: Vec::new(),
+                size: String::new(),
+            },
+        },
+        P::Finished(f) => {
+            let (code, name) = f
+                .exit_code
+                .map_or((0, String::new()), |c| (c.code, clip(c.name)));
+            Fact::Finished {
+                code,
+                name,
+                finish_millis: f.finish_time_millis,
+            }
+        }
+        P::BuildMetrics(m) => {
+            let actions = m.action_summary.unwrap_or_default();
+            let cache = actions.action_cache_statistics.unwrap_or_default();
+            Fact::Metrics(gg::Metrics {
+                actions_created: actions.actions_created,
+                actions_executed: actions.actions_executed,
+                action_cache_hits: i64::from(cache.hits),
+                action_cache_misses: i64::from(cache.misses),
+                remote_cache_hits: actions.remote_cache_hits,
+                targets_configured: m.target_metrics.map_or(0, |t| t.targets_configured),
+                packages_loaded: m.package_metrics.map_or(0, |p| p.packages_loaded),
+                wall_time_millis: m.timing_metrics.map_or(0, |t| t.wall_time_in_ms),
+                cpu_time_millis: m.timing_metrics.map_or(0, |t| t.cpu_time_in_ms),
+            })
+        }
+        _ => Fact::Nothing,
+    }
+}
