@@ -1,3 +1,6 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use super::*;
 
 fn parse_in(dir: &Path, text: &str) -> Result<Config, ConfigError> {
