@@ -59,7 +59,7 @@ pub const MAX_REFETCH_WAITERS: usize = 1024;
 pub struct JwksSettings {
     /// Key set URLs; the keys of all of them are merged.
     pub urls: Vec<String>,
-    /// How often the key set is fetched again. Default 5 minutes.
+    /// How often the key set is fetched again. Default 60 minutes (as BuildGrid's `jwks-fetch-minutes`).
     pub refresh: Duration,
     /// Keys not refreshed successfully for this long are dropped (tokens are then
     /// refused with "no keys available for issuer"). `None` keeps the last good keys
@@ -73,7 +73,7 @@ pub struct JwksSettings {
 
 impl JwksSettings {
     /// Default [`JwksSettings::refresh`].
-    pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+    pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60 * 60);
     /// Default [`JwksSettings::max_staleness`].
     pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(24 * 3600);
     /// Default [`JwksSettings::min_refetch_interval`].

@@ -37,8 +37,14 @@ pub enum ServerError {
     Listen(#[from] listener::ListenError),
     #[error("setting up {what}: {reason}")]
     Setup { what: &'static str, reason: String },
-    #[error(transparent)]
-    Gate(#[from] crate::gate::GateError),
+    /// The authorization section does not make a Gate (named with its file).
+    #[error("{file}: {source}")]
+    Gate {
+        /// The config file.
+        file: String,
+        /// Why.
+        source: crate::gate::GateError,
+    },
 }
 
 /// A gateway whose channels are bound and whose services are built.
@@ -63,7 +69,12 @@ impl Gateway {
     /// [`Gateway::serve`]; any problem (a port in use, a bad certificate) is
     /// reported here, before a single request is taken.
     pub async fn bind(config: Config) -> Result<Gateway, ServerError> {
-        let gate = Arc::new(Gate::from_config(&config)?);
+        let gate = Arc::new(
+            Gate::from_config(&config).map_err(|source| ServerError::Gate {
+                file: config.source.clone(),
+                source,
+            })?,
+        );
         let config = Arc::new(config);
         let mut channels = Vec::new();
         for c in &config.channels {
@@ -89,17 +100,22 @@ impl Gateway {
         let mut routes = RoutesBuilder::default();
         routes.add_service(compressed!(health_service, config.compression));
 
-        let reapi = crate::reapi::ReapiServices::new(&config).map_err(|e| ServerError::Setup {
-            what: "REAPI instances",
-            reason: e.to_string(),
-        })?;
+        let reapi =
+            crate::reapi::ReapiServices::new(&config.instances, &config.limits).map_err(|e| {
+                ServerError::Setup {
+                    what: "REAPI instances",
+                    reason: e.to_string(),
+                }
+            })?;
         let reapi_instances = reapi.instances().clone();
         served.extend(reapi.add_to(&mut routes, config.compression));
         let upstreams = Arc::new(
-            crate::reapi::upstream::Upstreams::new(&config).map_err(|e| ServerError::Setup {
-                what: "upstream instances",
-                reason: e.to_string(),
-            })?,
+            crate::reapi::upstream::Upstreams::new(&config.instances, &config.limits).map_err(
+                |e| ServerError::Setup {
+                    what: "upstream instances",
+                    reason: e.to_string(),
+                },
+            )?,
         );
         let bes = crate::bes::BesServices::open(&config)
             .await
