@@ -178,7 +178,7 @@ impl Gate {
         };
         let policy = match (&a.method, &a.acl_config) {
             (AuthMethod::None, _) | (_, None) => None,
-            (_, Some(path)) => Some(LivePolicy::load(path, policy_options(a))?),
+            (_, Some(path)) => Some(reload::load(path, policy_options(a), a.watch_policy)?),
         };
         if let Some(p) = &policy {
             let current = p.current();
@@ -212,19 +212,12 @@ impl Gate {
         })
     }
 
-    /// Starts the background work: the first key-set fetch and its refresh,
-    /// and the policy reloads (SIGHUP always; file changes when `watch`). Returns the tasks to abort
-    /// at shutdown.
-    pub async fn start(&self, watch: bool) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut tasks = Vec::new();
+    /// Starts the background work: the first key-set fetch and its refresh.
+    /// (Policy reloads are the server's reloader's: see [`crate::live`].)
+    pub async fn start(&self) {
         if let Some(jwt) = &self.jwt {
             jwt.start().await;
         }
-        if let Some(p) = &self.policy {
-            let poll = watch.then_some(std::time::Duration::from_secs(1));
-            tasks.push(p.spawn_watcher(poll));
-        }
-        tasks
     }
 
     /// Whether every key set has arrived (health reports NOT_SERVING before).

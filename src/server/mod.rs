@@ -18,7 +18,6 @@ pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tonic::service::RoutesBuilder;
@@ -228,7 +227,8 @@ impl Gateway {
             tracing::warn!("{}: {key}: not used by gridgate: {note}", config.source);
         }
 
-        let mut background = gate.start(config.authorization.watch_policy).await;
+        gate.start().await;
+        let mut background: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         if config.authorization.jwks_required_at_start && gate.jwt().is_some_and(|j| !j.ready()) {
             for t in background {
                 t.abort();
@@ -247,25 +247,17 @@ impl Gateway {
             }
             background.extend(telemetry.start(sample));
         }
-        if gate.policy().is_none() {
-            // Nothing to reload yet; without a handler SIGHUP would end the process.
-            background.push(tokio::spawn(async {
-                use tokio::signal::unix::{signal, SignalKind};
-                if let Ok(mut hup) = signal(SignalKind::hangup()) {
-                    while hup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: no policy files to reload");
-                    }
-                }
-            }));
+        // One reloader: SIGHUP and file changes, for the policy and every TLS channel.
+        let mut live: Vec<Arc<dyn crate::live::Reload>> = Vec::new();
+        if let Some(policy) = gate.policy() {
+            live.push(policy.clone());
         }
-
-        let live_tls: Vec<(String, Arc<tls::LiveTls>)> = channels
-            .iter()
-            .filter_map(|c| Some((c.addr.to_string(), c.live_tls()?)))
-            .collect();
-        if !live_tls.is_empty() {
-            background.push(tls::spawn_reloader(live_tls, Duration::from_secs(1)));
-        }
+        live.extend(
+            channels
+                .iter()
+                .filter_map(|c| c.live_tls().map(|t| -> Arc<dyn crate::live::Reload> { t })),
+        );
+        background.push(crate::live::spawn_reloader(live));
 
         let labels = gate.clone();
         let stack = tower::ServiceBuilder::new()
