@@ -31,6 +31,7 @@ pub mod config;
 pub mod conn;
 pub mod devcerts;
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod gate;
 pub mod layers;
