@@ -75,8 +75,24 @@ impl re::content_addressable_storage_server::ContentAddressableStorage for Cas {
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
         let missing = instance.store.missing(&keys).await;
+        // `missing` is a subsequence of `keys`: answer with the request's own
+        // digests (no re-encoding), in order.
+        let mut next = missing.iter().peekable();
+        let missing_blob_digests = req
+            .blob_digests
+            .into_iter()
+            .zip(&keys)
+            .filter(|(_, k)| {
+                let hit = next.peek() == Some(k);
+                if hit {
+                    next.next();
+                }
+                hit
+            })
+            .map(|(d, _)| d)
+            .collect();
         Ok(Response::new(re::FindMissingBlobsResponse {
-            missing_blob_digests: missing.iter().map(BlobKey::to_digest).collect(),
+            missing_blob_digests,
         }))
     }
 

@@ -59,10 +59,17 @@ impl BlobKey {
             return Err(bad());
         }
         let mut out = [0u8; 32];
-        for (i, pair) in raw.chunks_exact(2).enumerate() {
-            let hi = hex_value(pair[0]).ok_or_else(bad)?;
-            let lo = hex_value(pair[1]).ok_or_else(bad)?;
-            out[i] = (hi << 4) | lo;
+        let mut invalid = 0u8;
+        for (o, pair) in out.iter_mut().zip(raw.chunks_exact(2)) {
+            let (hi, lo) = (
+                HEX_VALUE[usize::from(pair[0])],
+                HEX_VALUE[usize::from(pair[1])],
+            );
+            invalid |= (hi | lo) & 0x10;
+            *o = (hi << 4) | (lo & 0x0f);
+        }
+        if invalid != 0 {
+            return Err(bad());
         }
         Ok(BlobKey { hash: out, size })
     }
@@ -88,12 +95,13 @@ impl BlobKey {
     /// The lowercase hex hash.
     pub fn hex(&self) -> String {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(64);
-        for b in self.hash {
-            s.push(DIGITS[(b >> 4) as usize] as char);
-            s.push(DIGITS[(b & 15) as usize] as char);
+        let mut out = [0u8; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(self.hash) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 15)];
         }
-        s
+        // Only ASCII digits were written: this never fails.
+        std::str::from_utf8(&out).unwrap_or_default().to_owned()
     }
 
     /// The REAPI digest message.
@@ -117,13 +125,21 @@ impl fmt::Debug for BlobKey {
     }
 }
 
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+/// The value of each lowercase hex digit; 0x10 marks a byte that is not one.
+static HEX_VALUE: [u8; 256] = {
+    let mut t = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Checks a request's `digest_function` field: unset (UNKNOWN) or SHA256.
 pub fn check_function(value: i32) -> Result<(), DigestError> {

@@ -76,8 +76,9 @@ impl From<lru::NoRoom> for StoreError {
 
 /// A content-addressed blob store with a byte budget.
 pub trait BlobStore: Send + Sync + 'static {
-    /// The subset of `keys` not held (the empty blob is always held). Keys that
-    /// are held count as used (they move to the back of the eviction order).
+    /// The keys of `keys` not held, in their order (duplicates kept): a
+    /// subsequence of `keys` (the empty blob is always held). Keys that are
+    /// held count as used (they move to the back of the eviction order).
     fn missing<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, Vec<BlobKey>>;
 
     /// A whole blob, for small reads (batch reads, directories, action
