@@ -50,7 +50,12 @@ else
   cargo build --release --quiet --bin gridgate --example make_load
 fi
 work="$(mktemp -d)"
-cleanup() { for p in $(jobs -p); do kill "$p" 2>/dev/null; done; rm -rf "$work"; }
+# KEEP=DIR keeps the callgrind profiles there (for callgrind_annotate).
+cleanup() {
+  for p in $(jobs -p); do kill "$p" 2>/dev/null; done
+  if [[ -n "${KEEP:-}" ]]; then mkdir -p "$KEEP"; cp "$work"/callgrind.* "$KEEP"/ 2>/dev/null || true; fi
+  rm -rf "$work"
+}
 trap cleanup EXIT
 ./target/release/examples/make_load "$work" main
 cg="${CALLGRIND:-}"

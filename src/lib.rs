@@ -27,6 +27,7 @@ macro_rules! compressed {
 pub mod bes;
 pub mod budget;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod conn;
 pub mod devcerts;
