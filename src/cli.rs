@@ -24,6 +24,7 @@ pub struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gridgate=debug,info` (RUST_LOG also works).
     #[arg(long, global = true, env = "GRIDGATE_LOG")]
     pub log: Option<String>,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +38,7 @@ pub enum LogFormat {
     Json,
 }
 
+/// gridgate's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
@@ -67,26 +69,31 @@ pub enum Command {
     },
     /// Check ACL policy files, or explain a decision.
     Policy {
+        /// `check` or `explain`.
         #[command(subcommand)]
         command: PolicyCommand,
     },
     /// Read build events stored in a running gateway.
     Events {
+        /// `query`.
         #[command(subcommand)]
         command: crate::bes::cli::EventsCommand,
     },
     /// Read invocations (what happened in each build) from a running gateway.
     Invocations {
+        /// `list`, `show` or `log`.
         #[command(subcommand)]
         command: crate::bes::invocation::cli::InvocationsCommand,
     },
     /// Helpers for development and trying gridgate out.
     Dev {
+        /// `certs`.
         #[command(subcommand)]
         command: DevCommand,
     },
 }
 
+/// `gridgate policy ...`: ACL policy files.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy file or a directory of per-team files.
@@ -134,6 +141,7 @@ pub enum PolicyCommand {
     },
 }
 
+/// `gridgate dev ...`: helpers for development.
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Make a throwaway CA, a server certificate for localhost and client certificates.

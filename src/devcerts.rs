@@ -14,7 +14,9 @@ use rcgen::{
 /// A certificate and its private key, both PEM.
 #[derive(Debug, Clone)]
 pub struct CertPair {
+    /// The certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PKCS#8 PEM.
     pub key_pem: String,
 }
 
@@ -27,13 +29,18 @@ pub struct DevCa {
 /// Why certificates could not be made or written.
 #[derive(Debug, thiserror::Error)]
 pub enum DevCertError {
+    /// rcgen could not make a key or certificate.
     #[error("generating a certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// A file or directory could not be written.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory.
         path: String,
+        /// Why writing failed.
         source: std::io::Error,
     },
+    /// The file (named) exists and overwriting was not asked for.
     #[error("{0} already exists; pass --force to overwrite")]
     Exists(String),
 }
@@ -140,8 +147,11 @@ impl DevCa {
 /// Files written by [`write_dev_certs`].
 #[derive(Debug, Clone)]
 pub struct DevCertFiles {
+    /// `ca.crt`: the CA certificate clients and servers trust.
     pub ca_cert: PathBuf,
+    /// `server.crt`: the server certificate for localhost.
     pub server_cert: PathBuf,
+    /// `server.key`: its private key.
     pub server_key: PathBuf,
     /// (name, certificate, key) for each client.
     pub clients: Vec<(String, PathBuf, PathBuf)>,

@@ -1,4 +1,6 @@
 //! The generated protobuf messages, clients and servers of the APIs in `proto/`.
+// Generated code: its items carry the .proto files' comments where they have
+// any, and clippy's and rustdoc's rules are not ours to hold it to.
 #![allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
 
 pub mod google {

@@ -53,6 +53,7 @@ pub struct QueryArgs {
     /// Only events at or after this time (RFC 3339, e.g. 2026-11-21T10:00:00Z).
     #[arg(long, value_name = "RFC3339")]
     pub since: Option<String>,
+    /// How to reach the gateway.
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Print one JSON object per stream (one per line) instead of text.

@@ -86,15 +86,26 @@ impl std::fmt::Display for StreamKey {
 /// set. The number is the field number (also what stores persist).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
+    /// Lifecycle: an attempt of an invocation started.
     InvocationAttemptStarted = 51,
+    /// Lifecycle: an attempt of an invocation finished, with its result.
     InvocationAttemptFinished = 52,
+    /// Lifecycle: the build was enqueued.
     BuildEnqueued = 53,
+    /// Lifecycle: the build finished, with its result.
     BuildFinished = 55,
+    /// Text the tool printed (stdout or stderr).
     ConsoleOutput = 56,
+    /// The last event of a component's stream.
     ComponentStreamFinished = 59,
+    /// A Bazel Build Event Protocol event (`build_event_stream.BuildEvent` in
+    /// an `Any`).
     BazelEvent = 60,
+    /// A build execution event, as an opaque `Any`.
     BuildExecutionEvent = 61,
+    /// A source fetch event, as an opaque `Any`.
     SourceFetchEvent = 62,
+    /// A Buck2 event, as an opaque `Any`.
     BuckEvent = 63,
 }
 
@@ -218,24 +229,41 @@ impl Prepared {
 /// Why an event was refused before reaching the store (all INVALID_ARGUMENT).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
+    /// The request carries no `ordered_build_event`.
     #[error("the request has no ordered_build_event")]
     MissingEvent,
+    /// The event has no `stream_id`.
     #[error("the event has no stream_id")]
     MissingStreamId,
+    /// The stream id's `build_id` is empty.
     #[error("stream_id.build_id is empty")]
     MissingBuildId,
+    /// The stream id's component is UNKNOWN_COMPONENT or a number outside the
+    /// enum (the number given).
     #[error("stream_id.component is {0} (UNKNOWN_COMPONENT or not a known component); expected CONTROLLER, WORKER or TOOL")]
     UnknownComponent(i32),
+    /// The sequence number (given) is below 1.
     #[error("sequence_number is {0}; sequence numbers start at 1")]
     BadSequence(i64),
+    /// `BuildEvent.event` is unset or of a kind this server does not know.
     #[error("the event has no build event (BuildEvent.event is unset or of a kind this server does not know)")]
     MissingKind,
+    /// The encoded event is over `build-events.max-event-bytes`.
     #[error("the event is {size} bytes encoded, over the limit of {limit} bytes (build-events.max-event-bytes)")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The encoded event's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// An id field is longer than its limit (e.g. [`MAX_ID_BYTES`]).
     #[error("{field} is {len} bytes long, over the limit of {limit}")]
     FieldTooLong {
+        /// The field's protocol name, e.g. `stream_id.build_id`.
         field: &'static str,
+        /// Its length in bytes.
         len: usize,
+        /// The limit in bytes.
         limit: usize,
     },
 }

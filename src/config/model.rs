@@ -241,22 +241,39 @@ pub struct MetricsEndpointConfig {
 /// BuildGrid's `monitoring:` section: metrics pushed as StatsD or JSON lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitoringConfig {
+    /// `monitoring.enabled`: whether metrics are pushed at all (default false).
     pub enabled: bool,
+    /// `monitoring.endpoint-type`: `stdout` (default), `file`, `socket`, `udp`
+    /// or `silent`.
     pub endpoint_type: String,
+    /// `monitoring.endpoint-location`: the file, socket path or `host:port`;
+    /// required by `file`, `socket` and `udp` when enabled.
     pub endpoint_location: Option<String>,
+    /// `monitoring.serialization-format`: `statsd` (default) or `json`.
     pub serialization_format: String,
+    /// `monitoring.metric-prefix`, normalised to end in exactly one dot, or
+    /// empty for none.
     pub metric_prefix: String,
+    /// `monitoring.tag-format`: `none` (default), `influx-statsd`, `dogstatsd`
+    /// or `graphite`.
     pub tag_format: String,
+    /// `monitoring.additional-tags`: tags added to every metric line.
     pub additional_tags: BTreeMap<String, String>,
+    /// `monitoring.period-seconds`: how often metrics are pushed (default 5 s,
+    /// at least 1 s).
     pub period: Duration,
 }
 
 /// Response compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
+    /// Responses are not compressed (`grpc-compression: none`, the default).
     None,
+    /// `grpc-compression: gzip`.
     Gzip,
+    /// `grpc-compression: deflate`.
     Deflate,
+    /// `grpc-compression: zstd`.
     Zstd,
 }
 
@@ -265,6 +282,7 @@ pub enum Compression {
 pub struct InstanceConfig {
     /// The instance name ("" is the unnamed instance).
     pub name: String,
+    /// The instance's free-text `description`; informational only.
     pub description: Option<String>,
     /// Served locally, or forwarded.
     pub backend: InstanceBackend,
@@ -275,7 +293,9 @@ pub struct InstanceConfig {
 pub enum InstanceBackend {
     /// By gridgate's own services.
     Local {
+        /// The instance's `cas:` store (default: 1 GiB in memory).
         cas: CasConfig,
+        /// The instance's `action-cache:` settings.
         action_cache: ActionCacheConfig,
     },
     /// By an upstream REAPI server.
@@ -285,14 +305,29 @@ pub enum InstanceBackend {
 /// A local CAS store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CasConfig {
-    Memory { max_bytes: u64 },
-    Disk { path: PathBuf, max_bytes: u64 },
+    /// `backend: memory`: blobs are lost on restart.
+    Memory {
+        /// `cas.max-bytes`: the most blob bytes kept (default 1 GiB); the
+        /// least recently used blobs are evicted beyond it.
+        max_bytes: u64,
+    },
+    /// `backend: disk`: one file per blob under a directory.
+    Disk {
+        /// `cas.path`: the directory, resolved against the config file's.
+        path: PathBuf,
+        /// `cas.max-bytes`: the most blob bytes kept (default 10 GiB); the
+        /// least recently used blobs are evicted beyond it.
+        max_bytes: u64,
+    },
 }
 
 /// A local action cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActionCacheConfig {
+    /// `action-cache.allow-updates`: whether clients may write results with
+    /// `UpdateActionResult` (default true).
     pub allow_updates: bool,
+    /// `action-cache.max-entries`: the most results kept (default 1,000,000).
     pub max_entries: u64,
 }
 
@@ -301,9 +336,15 @@ pub struct ActionCacheConfig {
 pub struct UpstreamConfig {
     /// `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS).
     pub address: String,
+    /// Whether the upstream is reached over TLS (`grpcs://` or `https://`).
     pub tls: bool,
+    /// `tls-ca`: PEM CA bundle the upstream's certificate must chain to;
+    /// required with TLS (the system's trust store is not used).
     pub tls_ca: Option<PathBuf>,
+    /// `tls-client-cert`: PEM certificate chain gridgate presents upstream
+    /// (with `tls-client-key`).
     pub tls_client_cert: Option<PathBuf>,
+    /// `tls-client-key`: PEM private key for `tls-client-cert`.
     pub tls_client_key: Option<PathBuf>,
     /// Static headers sent upstream (e.g. a service token).
     pub headers: BTreeMap<String, String>,
@@ -350,9 +391,22 @@ pub fn without_userinfo(address: &str) -> String {
 /// The Build Event Service store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildEventsConfig {
-    Memory { max_bytes: u64 },
-    File { path: PathBuf },
-    Postgres { url: String },
+    /// `store: memory` (the default): events are lost on restart.
+    Memory {
+        /// `build-events.max-bytes`: the most event bytes kept (default
+        /// 256 MiB).
+        max_bytes: u64,
+    },
+    /// `store: { file: PATH }`: a single-file database.
+    File {
+        /// The database file, resolved against the config file's directory.
+        path: PathBuf,
+    },
+    /// `store: { postgres: URL }`: a PostgreSQL database.
+    Postgres {
+        /// The `postgres://` or `postgresql://` connection URL.
+        url: String,
+    },
 }
 
 /// Limits of the Build Event Service (`build-events:`) that apply to every store.
@@ -387,8 +441,11 @@ impl Default for BuildEventsLimits {
 /// the most a connection buffers for one incomplete frame; the 1 MiB
 /// connection flow-control window bounds the data in flight either way.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 256 * 1024;
-/// HTTP/2's bounds for SETTINGS_MAX_FRAME_SIZE (RFC 9113, section 6.5.2).
+/// HTTP/2's lower bound for SETTINGS_MAX_FRAME_SIZE, 16 KiB (RFC 9113,
+/// section 6.5.2).
 pub const MIN_FRAME_BYTES: u32 = 16 * 1024;
+/// HTTP/2's upper bound for SETTINGS_MAX_FRAME_SIZE, 2^24 - 1 bytes (RFC 9113,
+/// section 6.5.2).
 pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
 
 /// Connection and request limits.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 /// Top-level keys of a full BuildGrid config that describe BuildGrid's own
 /// services; gridgate declares its services under `instances:` instead.
-pub const BUILDGRID_SERVICE_KEYS: [&str; 9] = [
+pub(super) const BUILDGRID_SERVICE_KEYS: [&str; 9] = [
     "storages",
     "caches",
     "schedulers",
@@ -23,7 +23,7 @@ pub const BUILDGRID_SERVICE_KEYS: [&str; 9] = [
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawConfig {
+pub(super) struct RawConfig {
     pub description: Option<String>,
     #[serde(default)]
     pub server: Vec<RawChannel>,
@@ -42,13 +42,13 @@ pub struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawMetrics {
+pub(super) struct RawMetrics {
     pub address: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawChannel {
+pub(super) struct RawChannel {
     pub address: Option<String>,
     pub port: Option<u16>,
     pub insecure_mode: Option<bool>,
@@ -59,7 +59,7 @@ pub struct RawChannel {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawCredentials {
+pub(super) struct RawCredentials {
     pub tls_server_key: Option<String>,
     pub tls_server_cert: Option<String>,
     pub tls_client_certs: Option<String>,
@@ -67,7 +67,7 @@ pub struct RawCredentials {
 
 impl RawCredentials {
     /// BuildGrid's reference config writes every key as `null` for plaintext.
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.tls_server_key.is_none()
             && self.tls_server_cert.is_none()
             && self.tls_client_certs.is_none()
@@ -76,7 +76,7 @@ impl RawCredentials {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawAuthorization {
+pub(super) struct RawAuthorization {
     pub method: String,
     // BuildGrid's keys.
     pub secret: Option<String>,
@@ -107,7 +107,7 @@ pub struct RawAuthorization {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawProvider {
+pub(super) struct RawProvider {
     pub issuer: Option<String>,
     pub secret: Option<String>,
     pub jwks_url: Option<OneOrMany>,
@@ -120,7 +120,7 @@ pub struct RawProvider {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawClaims {
+pub(super) struct RawClaims {
     pub actor: Option<OneOrMany>,
     pub subject: Option<OneOrMany>,
     pub workflow: Option<OneOrMany>,
@@ -128,7 +128,7 @@ pub struct RawClaims {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawMonitoring {
+pub(super) struct RawMonitoring {
     pub enabled: Option<bool>,
     pub endpoint_type: Option<String>,
     pub endpoint_location: Option<String>,
@@ -141,7 +141,7 @@ pub struct RawMonitoring {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawInstance {
+pub(super) struct RawInstance {
     pub name: String,
     pub description: Option<String>,
     pub cas: Option<RawCas>,
@@ -151,7 +151,7 @@ pub struct RawInstance {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawCas {
+pub(super) struct RawCas {
     pub backend: String,
     pub path: Option<String>,
     pub max_bytes: Option<Size>,
@@ -159,14 +159,14 @@ pub struct RawCas {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawActionCache {
+pub(super) struct RawActionCache {
     pub allow_updates: Option<bool>,
     pub max_entries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawUpstream {
+pub(super) struct RawUpstream {
     pub address: String,
     pub tls_ca: Option<String>,
     pub tls_client_cert: Option<String>,
@@ -178,7 +178,7 @@ pub struct RawUpstream {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawBuildEvents {
+pub(super) struct RawBuildEvents {
     pub store: Option<RawStore>,
     pub max_bytes: Option<Size>,
     pub max_event_bytes: Option<Size>,
@@ -188,14 +188,14 @@ pub struct RawBuildEvents {
 /// `build-events.retention`: ages like `30d`, `12h`, or `none`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawRetention {
+pub(super) struct RawRetention {
     pub max_age: Option<String>,
     pub abandoned_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawLimits {
+pub(super) struct RawLimits {
     pub shutdown_grace_seconds: Option<u64>,
     pub tls_handshake_timeout_seconds: Option<u64>,
     pub max_concurrent_streams: Option<u32>,
@@ -216,10 +216,10 @@ pub struct RawLimits {
 
 /// A string or a list of strings (BuildGrid's `audience`, `jwks-url`).
 #[derive(Debug, Clone)]
-pub struct OneOrMany(pub Vec<String>);
+pub(super) struct OneOrMany(pub Vec<String>);
 
 impl OneOrMany {
-    pub fn into_vec(self) -> Vec<String> {
+    pub(super) fn into_vec(self) -> Vec<String> {
         self.0
     }
 }
@@ -250,13 +250,13 @@ impl<'de> Deserialize<'de> for OneOrMany {
 /// A byte size: an integer, or a string with a unit as BuildGrid writes them
 /// (`2048M`, `1G`, `512k`, `10GiB`, `1.5G`).
 #[derive(Debug, Clone)]
-pub enum Size {
+pub(super) enum Size {
     Bytes(u64),
     Text(String),
 }
 
 impl Size {
-    pub fn bytes(&self) -> Result<u64, String> {
+    pub(super) fn bytes(&self) -> Result<u64, String> {
         match self {
             Size::Bytes(n) => Ok(*n),
             Size::Text(t) => parse_size(t),
@@ -265,7 +265,7 @@ impl Size {
 }
 
 /// Parses `2048M`, `1G`, `10GiB`, `512kb`, `4096` into bytes (binary units).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim().to_ascii_lowercase();
     let t = t
         .strip_suffix("ib")
@@ -319,7 +319,7 @@ impl<'de> Deserialize<'de> for Size {
 
 /// `store: memory`, `store: { file: PATH }` or `store: { postgres: URL }`.
 #[derive(Debug, Clone)]
-pub enum RawStore {
+pub(super) enum RawStore {
     Name(String),
     File { file: String },
     Postgres { postgres: String },

@@ -16,9 +16,11 @@ use super::identity::{AuthMethod, Identity, PeerCertificate};
 use super::jwt::{AuthError, ConnectionToken, JwtAuthenticator};
 
 /// The identity headers of BuildGrid's `headers` method (also what gridgate
-/// sends upstream for the verified caller).
+/// sends upstream for the verified caller): the actor.
 pub const ACTOR_HEADER: &str = "x-request-actor";
+/// The subject header of the `headers` method (see [`ACTOR_HEADER`]).
 pub const SUBJECT_HEADER: &str = "x-request-subject";
+/// The workflow header of the `headers` method (see [`ACTOR_HEADER`]).
 pub const WORKFLOW_HEADER: &str = "x-request-workflow";
 
 /// The caller's credentials and self-asserted identity: never passed on.

@@ -60,8 +60,11 @@ pub struct Route {
     pub rpc: &'static str,
     /// The fully-qualified service.
     pub service: &'static str,
+    /// Where its instance name is read.
     pub locate: Locate,
+    /// How a client stream's later messages are checked against the first.
     pub stream: StreamCheck,
+    /// Whether it may be served without credentials.
     pub open: Openness,
 }
 
@@ -194,7 +197,9 @@ impl RouteTable {
 /// Why the instance could not be read from a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocateError {
+    /// The request message does not decode far enough to read the field.
     Malformed(ScanError),
+    /// The ByteStream resource name does not follow REAPI's grammar.
     Resource(resource::ResourceError),
 }
 

@@ -90,6 +90,12 @@ where
 
 pin_project! {
     /// The response, holding its place until its body ends.
+    // pin_project_lite takes no attributes but `#[pin]` on the fields of an
+    // enum's variants, so they cannot carry doc comments: `inner` is the inner
+    // service's response future, `permit` the in-flight slot (moved into the
+    // response body when the response arrives), `max` the in-flight limit for
+    // the refusal's message.
+    #[allow(missing_docs)]
     #[project = Projected]
     pub enum ResponseFuture<F> {
         /// Admitted to the inner service.

@@ -11,12 +11,12 @@ use metrics::{
 type Boxed = Box<dyn Recorder + Send + Sync>;
 
 /// Forwards to each recorder (to the only one directly, when there is one).
-pub struct Fanout {
+pub(super) struct Fanout {
     recorders: Vec<Boxed>,
 }
 
 impl Fanout {
-    pub fn new(recorders: Vec<Boxed>) -> Fanout {
+    pub(super) fn new(recorders: Vec<Boxed>) -> Fanout {
         Fanout { recorders }
     }
 }

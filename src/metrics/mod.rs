@@ -39,17 +39,24 @@ pub const OTHER_INSTANCE: &str = "(other)";
 /// What kind of metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A total that only grows (Prometheus names end in `_total`).
     Counter,
+    /// A value that goes up and down.
     Gauge,
+    /// A distribution of observed values (durations, in seconds).
     Histogram,
 }
 
 /// One metric gridgate records.
 #[derive(Debug, Clone, Copy)]
 pub struct MetricDoc {
+    /// The Prometheus name, e.g. `gridgate_rpc_requests_total`.
     pub name: &'static str,
+    /// Counter, gauge or histogram.
     pub kind: Kind,
+    /// The label names, comma-separated (`""` for none).
     pub labels: &'static str,
+    /// The help text, as exported and listed in the README.
     pub help: &'static str,
 }
 
@@ -130,13 +137,19 @@ pub struct Telemetry {
 /// Why the metrics outputs could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The Prometheus endpoint's address could not be bound.
     #[error("metrics.address: cannot listen on {addr}: {source}")]
     Listen {
+        /// The configured `metrics.address`.
         addr: std::net::SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
+    /// The `monitoring:` output (or the exporter) could not be set up; the
+    /// message says why.
     #[error("{0}")]
     Monitoring(String),
+    /// Another recorder was installed first (the recorder is process-wide).
     #[error("a metrics recorder is already installed in this process")]
     AlreadyInstalled,
 }
@@ -444,6 +457,8 @@ pub fn upstream_error(instance: &SharedString, code: tonic::Code) {
 pub struct OpenConnection(bool);
 
 impl OpenConnection {
+    /// Counts a new connection over `transport` (`tcp`, `tls` or `unix`) and
+    /// holds it in the open-connections gauge until dropped.
     pub fn new(transport: &'static str) -> OpenConnection {
         if !enabled() {
             return OpenConnection(false);
@@ -513,6 +528,7 @@ pub fn bes_retention(store: &'static str, deleted_streams: u64, abandoned: u64) 
 pub struct OpenBesStream(bool);
 
 impl OpenBesStream {
+    /// Holds one call in the open-streams gauge until dropped.
     pub fn new() -> OpenBesStream {
         if !enabled() {
             return OpenBesStream(false);
@@ -539,8 +555,11 @@ impl Drop for OpenBesStream {
 /// The counters of one local CAS.
 #[derive(Clone)]
 pub struct CasCounters {
+    /// Lookups that found their blob.
     pub hits: Counter,
+    /// Lookups that did not.
     pub misses: Counter,
+    /// Bytes of blobs newly stored.
     pub bytes_stored: Counter,
 }
 

@@ -41,9 +41,13 @@ const MAX_DATAGRAM: usize = 1432;
 /// How tags are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TagFormat {
+    /// `none`: tags are left out.
     None,
+    /// `influx-statsd`: `name,key=value:1|c`.
     InfluxStatsd,
+    /// `dogstatsd`: `name:1|c|#key:value`.
     DogStatsd,
+    /// `graphite`: `name;key=value:1|c`.
     Graphite,
 }
 
@@ -61,7 +65,10 @@ impl TagFormat {
 /// How one record is serialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// `serialization-format: statsd`: one StatsD line per record.
     Statsd,
+    /// `serialization-format: json`: one JSON object per line (`name`,
+    /// `type`, `value`, `tags`, and `sample_rate` when sampled).
     Json,
 }
 
@@ -103,6 +110,7 @@ pub struct LineFormat {
 }
 
 impl LineFormat {
+    /// The prefix, format and tags of the `monitoring:` section.
     pub fn from_config(m: &MonitoringConfig) -> LineFormat {
         LineFormat {
             prefix: m.metric_prefix.clone(),
@@ -224,6 +232,7 @@ impl Default for StatsdRecorder {
 }
 
 impl StatsdRecorder {
+    /// A recorder with an empty registry.
     pub fn new() -> StatsdRecorder {
         StatsdRecorder {
             registry: Registry::atomic(),
@@ -258,6 +267,8 @@ pub struct Flusher {
 }
 
 impl Flusher {
+    /// Reads `recorder`'s registry and writes lines in `format`; counters
+    /// start from zero.
     pub fn new(recorder: Arc<StatsdRecorder>, format: LineFormat) -> Flusher {
         Flusher {
             recorder,
@@ -335,13 +346,21 @@ impl Flusher {
 
 /// Where the lines go.
 pub enum Sink {
+    /// `endpoint-type: stdout` (the default).
     Stdout,
+    /// `endpoint-type: file`: appended to the file at `endpoint-location`.
     File(std::fs::File),
+    /// `endpoint-type: socket`: written to a Unix stream socket.
     Socket {
+        /// The socket's path (`endpoint-location`).
         path: std::path::PathBuf,
+        /// The connection, made on first send and again after a write fails.
         stream: Option<tokio::net::UnixStream>,
     },
+    /// `endpoint-type: udp`: datagrams of up to 1432 bytes, connected to the
+    /// `host:port` at `endpoint-location`.
     Udp(tokio::net::UdpSocket),
+    /// `endpoint-type: silent`: lines are dropped.
     Silent,
 }
 

@@ -13,10 +13,14 @@ const OUT_STEP: usize = 256 * 1024;
 /// Why compressed data was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ZstdError {
+    /// The data is not valid zstd (the decoder's error).
     #[error("invalid zstd data: {0}")]
     Invalid(io::Error),
+    /// The data decompresses to more than the blob's declared size (given,
+    /// in bytes); decoding stops there.
     #[error("zstd data decompresses to more than the declared {0} bytes")]
     TooLong(u64),
+    /// The data ends before its last frame does.
     #[error("zstd data ends in the middle of a frame")]
     Truncated,
 }

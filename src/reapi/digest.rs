@@ -24,12 +24,17 @@ pub struct BlobKey {
 /// Why a digest is not a valid SHA-256 digest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DigestError {
+    /// The hash (given) is not 64 lowercase hexadecimal characters.
     #[error("digest hash {0:?} is not 64 lowercase hexadecimal characters (SHA-256)")]
     BadHash(String),
+    /// The size (given) is below zero.
     #[error("digest size {0} is negative")]
     NegativeSize(i64),
+    /// The request has no digest where one is required.
     #[error("missing digest")]
     Missing,
+    /// The request's `digest_function` (the enum number given) is neither
+    /// unset nor SHA256.
     #[error("digest function {0} is not supported: this instance uses SHA256")]
     Function(i32),
 }

@@ -74,9 +74,12 @@ impl Instances {
 /// Why the REAPI services could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ReapiError {
+    /// An instance's disk CAS could not be opened.
     #[error("instance {name:?}: {source}")]
     Disk {
+        /// The instance's name.
         name: String,
+        /// Why the store's directory could not be opened.
         #[source]
         source: store::disk::OpenError,
     },

@@ -18,15 +18,21 @@ use std::fmt;
 /// Whether a resource name is for reading or for writing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// `{instance}/blobs/...` or `{instance}/compressed-blobs/...`, for
+    /// ByteStream Read.
     Read,
+    /// `{instance}/uploads/{uuid}/...`, for ByteStream Write.
     Write,
 }
 
 /// A compressor named in a `compressed-blobs` resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compressor {
+    /// `zstd`.
     Zstd,
+    /// `deflate`.
     Deflate,
+    /// `brotli`.
     Brotli,
 }
 
@@ -53,7 +59,9 @@ impl Compressor {
 /// A parsed ByteStream resource name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceName<'a> {
+    /// The instance name ("" for the unnamed instance).
     pub instance: &'a str,
+    /// Read (`blobs`) or write (`uploads`).
     pub access: Access,
     /// The upload id (writes only).
     pub uuid: Option<&'a str>,
@@ -61,7 +69,9 @@ pub struct ResourceName<'a> {
     pub compressor: Option<Compressor>,
     /// The digest function segment when present (e.g. `blake3`).
     pub digest_function: Option<&'a str>,
+    /// The digest's hash: hexadecimal, its length not yet checked.
     pub hash: &'a str,
+    /// The digest's size in bytes (never negative).
     pub size: i64,
 }
 

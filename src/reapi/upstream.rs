@@ -70,7 +70,12 @@ pub use dispatch::DispatchLayer;
 pub enum UpstreamError {
     /// `address` is shown without its user-info.
     #[error("upstream {address}: {reason}")]
-    Setup { address: String, reason: String },
+    Setup {
+        /// The upstream's address, without user-info.
+        address: String,
+        /// What is wrong (a missing `tls-ca`, an unreadable file, ...).
+        reason: String,
+    },
 }
 
 /// A forwarder to one upstream REAPI server.

@@ -36,7 +36,9 @@ use crate::gate::identity::PeerCertificate;
 /// The address a channel actually listens on (with the real port for port 0).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BoundAddr {
+    /// A TCP address, with the port the system chose for port 0.
     Tcp(SocketAddr),
+    /// A Unix domain socket path.
     Unix(PathBuf),
 }
 
@@ -177,13 +179,29 @@ pub struct BoundChannel {
 /// Why a channel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
+    /// Binding the address failed.
     #[error("cannot listen on {address}: {source}")]
-    Bind { address: String, source: io::Error },
+    Bind {
+        /// The channel's address as configured.
+        address: String,
+        /// Why binding failed.
+        source: io::Error,
+    },
+    /// A Unix socket path is taken by something other than a socket, which
+    /// is never removed.
     #[error("{address}: {path} exists and is not a socket; refusing to replace it")]
-    NotASocket { address: String, path: String },
+    NotASocket {
+        /// The channel's address as configured.
+        address: String,
+        /// The path that is in the way.
+        path: String,
+    },
+    /// The channel's key, certificate or client CA could not be loaded.
     #[error("{address}: TLS: {source}")]
     Tls {
+        /// The channel's address as configured.
         address: String,
+        /// What was wrong with the TLS files.
         source: tls::TlsError,
     },
 }

@@ -32,10 +32,17 @@ pub use listener::BoundAddr;
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// A channel could not be opened.
     #[error(transparent)]
     Listen(#[from] listener::ListenError),
+    /// A subsystem could not be built from its config section.
     #[error("setting up {what}: {reason}")]
-    Setup { what: &'static str, reason: String },
+    Setup {
+        /// The subsystem, e.g. `metrics` or `REAPI instances`.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
     /// The authorization section does not make a Gate (named with its file).
     #[error("{file}: {source}")]
     Gate {

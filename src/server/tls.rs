@@ -21,7 +21,12 @@ mod subject;
 pub enum TlsError {
     /// A PEM file could not be read or holds nothing usable.
     #[error("{path}: {reason}")]
-    File { path: String, reason: String },
+    File {
+        /// The PEM file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// rustls refused the combination (e.g. key does not match certificate).
     #[error("{0}")]
     Rustls(String),

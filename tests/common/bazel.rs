@@ -37,7 +37,7 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// The Bazel 2.1.0 binary, fetched on first use.
-pub fn bazel_binary() -> Option<PathBuf> {
+pub(crate) fn bazel_binary() -> Option<PathBuf> {
     if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
         return unavailable("the npm package is for x86_64 Linux");
     }
@@ -102,7 +102,7 @@ fn fetch(dir: &Path) -> Result<(), String> {
 
 /// What one Bazel command did.
 #[derive(Debug)]
-pub struct BazelOutput {
+pub(crate) struct BazelOutput {
     pub code: i32,
     /// stdout then stderr (Bazel reports progress and results on stderr).
     pub text: String,
@@ -111,7 +111,7 @@ pub struct BazelOutput {
 impl BazelOutput {
     /// The counts of Bazel's `INFO: N processes: ...` summary: the total and
     /// each kind (`remote cache hit`, `linux-sandbox`, `local`, ...).
-    pub fn processes(&self) -> Option<(u64, Vec<(u64, String)>)> {
+    pub(crate) fn processes(&self) -> Option<(u64, Vec<(u64, String)>)> {
         let line = self
             .text
             .lines()
@@ -134,14 +134,14 @@ impl BazelOutput {
 
 /// A Bazel workspace in a temporary directory, with its own output user root
 /// and home directory; every command runs with `--batch` (no server left behind).
-pub struct Workspace {
+pub(crate) struct Workspace {
     pub bazel: PathBuf,
     dir: tempfile::TempDir,
 }
 
 impl Workspace {
     /// A workspace with an empty WORKSPACE file and this BUILD file.
-    pub fn new(bazel: PathBuf, build: &str) -> Workspace {
+    pub(crate) fn new(bazel: PathBuf, build: &str) -> Workspace {
         let dir = tempfile::tempdir().expect("tempdir");
         for d in ["ws", "home", "root"] {
             std::fs::create_dir(dir.path().join(d)).expect("mkdir");
@@ -152,12 +152,12 @@ impl Workspace {
     }
 
     /// The workspace directory.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("ws")
     }
 
     /// Runs `bazel --batch ... COMMAND ARGS...` in the workspace (10 minutes at most).
-    pub fn run(&self, command: &str, args: &[&str]) -> BazelOutput {
+    pub(crate) fn run(&self, command: &str, args: &[&str]) -> BazelOutput {
         let root = self.dir.path().join("root");
         let child = Command::new(&self.bazel)
             .args([

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running `bgd server`.
-pub struct BuildGrid {
+pub(crate) struct BuildGrid {
     child: Child,
     /// Its loopback port (plaintext).
     pub port: u16,
@@ -43,7 +43,7 @@ fn unavailable<T>(why: &str) -> Option<T> {
 
 /// BuildGrid's own command-line client (`bgd cas`, `bgd actioncache`, ...),
 /// installed on first use; `None` if it cannot be set up outside CI.
-pub fn bgd_client() -> Option<BgdClient> {
+pub(crate) fn bgd_client() -> Option<BgdClient> {
     match bgd() {
         Ok(exe) => Some(BgdClient { exe }),
         Err(e) => unavailable(&e),
@@ -51,13 +51,13 @@ pub fn bgd_client() -> Option<BgdClient> {
 }
 
 /// The `bgd` executable of the cached venv.
-pub struct BgdClient {
+pub(crate) struct BgdClient {
     pub exe: PathBuf,
 }
 
 /// What one `bgd` run did.
 #[derive(Debug)]
-pub struct BgdOutput {
+pub(crate) struct BgdOutput {
     /// Exit code (`bgd` exits 255 on errors).
     pub code: i32,
     /// stdout and stderr, in that order.
@@ -65,7 +65,7 @@ pub struct BgdOutput {
 }
 
 impl BgdOutput {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.code == 0
     }
 }
@@ -73,7 +73,7 @@ impl BgdOutput {
 impl BgdClient {
     /// Runs `bgd GROUP COMMON_ARGS... ARGS...` in `cwd` (up to 120 s), e.g.
     /// `run(dir, "cas", &["--remote", url, ...], &["upload-file", "f"])`.
-    pub fn run(
+    pub(crate) fn run(
         &self,
         cwd: &std::path::Path,
         group: &str,
@@ -196,7 +196,7 @@ instances:
 impl BuildGrid {
     /// Starts BuildGrid serving `instances`; `None` if it cannot be set up
     /// outside CI.
-    pub fn start(instances: &[&str]) -> Option<BuildGrid> {
+    pub(crate) fn start(instances: &[&str]) -> Option<BuildGrid> {
         let bgd = match bgd() {
             Ok(b) => b,
             Err(e) => return unavailable(&e),
@@ -238,7 +238,7 @@ impl BuildGrid {
     }
 
     /// `grpc://127.0.0.1:PORT`.
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("grpc://127.0.0.1:{}", self.port)
     }
 }

@@ -39,7 +39,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// How the server answers the next requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Behavior {
+pub(crate) enum Behavior {
     /// 200 with the current key set document (the default).
     Serve,
     /// This status with a short text body.
@@ -64,7 +64,7 @@ struct Shared {
 }
 
 /// A key set server on `127.0.0.1`. Stops when dropped.
-pub struct JwksServer {
+pub(crate) struct JwksServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -72,12 +72,12 @@ pub struct JwksServer {
 
 impl JwksServer {
     /// Starts a server on a free loopback port serving these keys' public JWKs.
-    pub async fn start(keys: &[&TestKey]) -> JwksServer {
+    pub(crate) async fn start(keys: &[&TestKey]) -> JwksServer {
         Self::start_with_document(jwks(keys)).await
     }
 
     /// Starts a server serving this JSON document.
-    pub async fn start_with_document(document: Value) -> JwksServer {
+    pub(crate) async fn start_with_document(document: Value) -> JwksServer {
         let shared = Arc::new(Shared {
             body: Mutex::new(document.to_string()),
             behavior: Mutex::new(Behavior::Serve),
@@ -95,58 +95,58 @@ impl JwksServer {
     }
 
     /// The server's address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The key set URL, `http://127.0.0.1:PORT/jwks`.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/jwks", self.addr)
     }
 
     /// The URL of another path on this server (every path serves the same answer).
-    pub fn url_for(&self, path: &str) -> String {
+    pub(crate) fn url_for(&self, path: &str) -> String {
         format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
     }
 
     /// Serves these keys' public JWKs from now on.
-    pub fn set_keys(&self, keys: &[&TestKey]) {
+    pub(crate) fn set_keys(&self, keys: &[&TestKey]) {
         self.set_document(jwks(keys));
     }
 
     /// Serves this JSON document from now on.
-    pub fn set_document(&self, document: Value) {
+    pub(crate) fn set_document(&self, document: Value) {
         self.set_body(document.to_string());
     }
 
     /// Serves this exact body from now on.
-    pub fn set_body(&self, body: impl Into<String>) {
+    pub(crate) fn set_body(&self, body: impl Into<String>) {
         *lock(&self.shared.body) = body.into();
     }
 
     /// Changes how the next requests are answered.
-    pub fn set_behavior(&self, behavior: Behavior) {
+    pub(crate) fn set_behavior(&self, behavior: Behavior) {
         *lock(&self.shared.behavior) = behavior;
     }
 
     /// Requests received so far (including unanswered ones).
-    pub fn requests(&self) -> usize {
+    pub(crate) fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
     /// The request paths received so far.
-    pub fn paths(&self) -> Vec<String> {
+    pub(crate) fn paths(&self) -> Vec<String> {
         lock(&self.shared.paths).clone()
     }
 
     /// Sets the request count back to zero.
-    pub fn reset_requests(&self) {
+    pub(crate) fn reset_requests(&self) {
         self.shared.requests.store(0, Ordering::SeqCst);
     }
 
     /// Waits until at least `count` requests were received, up to `limit`. Returns
     /// whether they were.
-    pub async fn wait_for_requests(&self, count: usize, limit: Duration) -> bool {
+    pub(crate) async fn wait_for_requests(&self, count: usize, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while self.requests() < count {
             if tokio::time::Instant::now() >= deadline {
@@ -158,7 +158,7 @@ impl JwksServer {
     }
 
     /// Stops listening and drops every open connection: clients get "connection refused".
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         let task = lock(&self.task).take();
         if let Some(task) = task {
             task.abort();
@@ -168,7 +168,7 @@ impl JwksServer {
 
     /// Listens again on the same port (after [`JwksServer::stop`]), keeping the
     /// document, behavior and request count.
-    pub async fn restart(&self) {
+    pub(crate) async fn restart(&self) {
         self.stop().await;
         let listener = listen(self.addr);
         *lock(&self.task) = Some(tokio::spawn(serve(listener, self.shared.clone())));
@@ -258,7 +258,7 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 /// A signing key made at run time, with what a test needs to configure its verifier.
-pub struct TestKey {
+pub(crate) struct TestKey {
     /// The algorithm tokens are signed with.
     pub alg: Algorithm,
     /// The `kid` put in token headers and in the JWK (`None`: no `kid`).
@@ -271,7 +271,7 @@ pub struct TestKey {
 impl TestKey {
     /// A key of the right kind for `alg`: RSA 2048, P-256/P-384, Ed25519 or a random
     /// HMAC secret as long as the hash output.
-    pub fn generate(alg: Algorithm, kid: &str) -> TestKey {
+    pub(crate) fn generate(alg: Algorithm, kid: &str) -> TestKey {
         match alg.family() {
             AlgorithmFamily::Rsa => Self::rsa(alg, kid),
             AlgorithmFamily::Ec => Self::ec(alg, kid),
@@ -288,7 +288,7 @@ impl TestKey {
     }
 
     /// A new 2048-bit RSA key for RS256/384/512 or PS256/384/512.
-    pub fn rsa(alg: Algorithm, kid: &str) -> TestKey {
+    pub(crate) fn rsa(alg: Algorithm, kid: &str) -> TestKey {
         assert_eq!(alg.family(), AlgorithmFamily::Rsa, "not an RSA algorithm");
         let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
             .expect("RSA key generation");
@@ -305,7 +305,7 @@ impl TestKey {
     }
 
     /// A new P-256 (ES256) or P-384 (ES384) key.
-    pub fn ec(alg: Algorithm, kid: &str) -> TestKey {
+    pub(crate) fn ec(alg: Algorithm, kid: &str) -> TestKey {
         let signing = match alg {
             Algorithm::ES256 => &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             Algorithm::ES384 => &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
@@ -324,7 +324,7 @@ impl TestKey {
     }
 
     /// A new Ed25519 (EdDSA) key.
-    pub fn ed25519(kid: &str) -> TestKey {
+    pub(crate) fn ed25519(kid: &str) -> TestKey {
         let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().expect("Ed25519 key");
         let private = pair.to_pkcs8v1().expect("PKCS#8");
         let public: PublicKeyX509Der = pair.public_key().as_der().expect("SPKI");
@@ -338,7 +338,7 @@ impl TestKey {
     }
 
     /// An HMAC key (HS256/384/512) with this secret and no `kid`.
-    pub fn hmac(alg: Algorithm, secret: &[u8]) -> TestKey {
+    pub(crate) fn hmac(alg: Algorithm, secret: &[u8]) -> TestKey {
         assert_eq!(alg.family(), AlgorithmFamily::Hmac, "not an HMAC algorithm");
         TestKey {
             alg,
@@ -350,41 +350,41 @@ impl TestKey {
     }
 
     /// The same key with another `kid` (`None`: tokens and JWK without `kid`).
-    pub fn with_kid(mut self, kid: Option<&str>) -> TestKey {
+    pub(crate) fn with_kid(mut self, kid: Option<&str>) -> TestKey {
         self.kid = kid.map(str::to_owned);
         self
     }
 
     /// The same key material used with another algorithm of its family (e.g. PS256
     /// with an RS256 key).
-    pub fn with_alg(mut self, alg: Algorithm) -> TestKey {
+    pub(crate) fn with_alg(mut self, alg: Algorithm) -> TestKey {
         assert_eq!(alg.family(), self.alg.family(), "another key family");
         self.alg = alg;
         self
     }
 
     /// The public key in PEM (`PUBLIC KEY`, SubjectPublicKeyInfo). Panics for HMAC.
-    pub fn public_pem(&self) -> &str {
+    pub(crate) fn public_pem(&self) -> &str {
         self.public_pem
             .as_deref()
             .expect("an HMAC key has no public key")
     }
 
     /// The HMAC secret. Panics for asymmetric keys.
-    pub fn secret(&self) -> &[u8] {
+    pub(crate) fn secret(&self) -> &[u8] {
         self.secret
             .as_deref()
             .expect("an asymmetric key has no secret")
     }
 
     /// The jsonwebtoken signing key.
-    pub fn encoding_key(&self) -> &EncodingKey {
+    pub(crate) fn encoding_key(&self) -> &EncodingKey {
         &self.encoding
     }
 
     /// The public JWK: `kty` and key parameters, `kid` (if any), `alg` and `use: sig`.
     /// For HMAC keys, the `oct` JWK (which a verifier must not accept from a key set).
-    pub fn jwk(&self) -> Value {
+    pub(crate) fn jwk(&self) -> Value {
         let jwk = Jwk::from_encoding_key(&self.encoding, self.alg).expect("JWK");
         let mut value = serde_json::to_value(jwk).expect("JWK JSON");
         let object = value.as_object_mut().expect("JWK object");
@@ -396,7 +396,7 @@ impl TestKey {
     }
 
     /// A token with header `{"typ":"JWT","alg":ALG,"kid":KID}` and these claims.
-    pub fn sign(&self, claims: &Value) -> String {
+    pub(crate) fn sign(&self, claims: &Value) -> String {
         let mut header = json!({"typ": "JWT", "alg": alg_name(self.alg)});
         if let Some(kid) = &self.kid {
             header["kid"] = json!(kid);
@@ -406,13 +406,13 @@ impl TestKey {
 
     /// A token with exactly this header and these claims, signed with this key's
     /// algorithm (whatever the header's `alg` says).
-    pub fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
+    pub(crate) fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
         self.sign_raw(&header.to_string(), &claims.to_string())
     }
 
     /// A token with exactly these header and payload texts (e.g. with duplicate
     /// names), signed with this key's algorithm.
-    pub fn sign_raw(&self, header_json: &str, payload_json: &str) -> String {
+    pub(crate) fn sign_raw(&self, header_json: &str, payload_json: &str) -> String {
         let message = format!("{}.{}", b64url(header_json), b64url(payload_json));
         let signature =
             jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.alg).expect("sign");
@@ -422,10 +422,10 @@ impl TestKey {
 
 /// A real 1024-bit RSA public key (PEM, SubjectPublicKeyInfo), as BuildGrid's
 /// own RS256 test key is: too small for aws-lc-rs to verify with.
-pub const RSA_1024_PUBLIC_PEM: &str = include_str!("../keys/rs1024.pub.pem");
+pub(crate) const RSA_1024_PUBLIC_PEM: &str = include_str!("../keys/rs1024.pub.pem");
 
 /// The public JWK (RS256, `use: sig`) of [`RSA_1024_PUBLIC_PEM`] with this `kid`.
-pub fn rsa_1024_jwk(kid: &str) -> Value {
+pub(crate) fn rsa_1024_jwk(kid: &str) -> Value {
     use x509_parser::prelude::FromDer as _;
     let (_, pem) = x509_parser::pem::parse_x509_pem(RSA_1024_PUBLIC_PEM.as_bytes()).expect("PEM");
     let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&pem.contents).expect("SPKI");
@@ -443,12 +443,12 @@ pub fn rsa_1024_jwk(kid: &str) -> Value {
 }
 
 /// The key set document serving these keys' public JWKs.
-pub fn jwks(keys: &[&TestKey]) -> Value {
+pub(crate) fn jwks(keys: &[&TestKey]) -> Value {
     json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() })
 }
 
 /// A token that is not signed by any key: `base64url(header).base64url(claims).signature`.
-pub fn unsigned_token(header: &Value, claims: &Value, signature: &str) -> String {
+pub(crate) fn unsigned_token(header: &Value, claims: &Value, signature: &str) -> String {
     format!(
         "{}.{}.{signature}",
         b64url(header.to_string()),
@@ -457,12 +457,12 @@ pub fn unsigned_token(header: &Value, claims: &Value, signature: &str) -> String
 }
 
 /// Unpadded base64url.
-pub fn b64url(data: impl AsRef<[u8]>) -> String {
+pub(crate) fn b64url(data: impl AsRef<[u8]>) -> String {
     URL_SAFE_NO_PAD.encode(data)
 }
 
 /// Now, in seconds since the epoch.
-pub fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
@@ -470,20 +470,20 @@ pub fn now() -> u64 {
 }
 
 /// Typical claims: `iss`, `aud`, `sub`, `iat` and `nbf` now, `exp` in 10 minutes.
-pub fn claims(iss: &str, aud: &str, sub: &str) -> Value {
+pub(crate) fn claims(iss: &str, aud: &str, sub: &str) -> Value {
     let now = now();
     json!({"iss": iss, "aud": aud, "sub": sub, "iat": now, "nbf": now, "exp": now + 600})
 }
 
 /// Random bytes (for HMAC secrets).
-pub fn random_bytes(len: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
     aws_lc_rs::rand::fill(&mut bytes).expect("random bytes");
     bytes
 }
 
 /// The JOSE name of an algorithm (`RS256`, `EdDSA`, ...).
-pub fn alg_name(alg: Algorithm) -> String {
+pub(crate) fn alg_name(alg: Algorithm) -> String {
     serde_json::to_value(alg)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))

@@ -3,9 +3,9 @@
 //! clients over plaintext, TLS and mTLS.
 #![allow(dead_code)]
 
-pub mod bazel;
-pub mod buildgrid;
-pub mod pg;
+pub(crate) mod bazel;
+pub(crate) mod buildgrid;
+pub(crate) mod pg;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Certificates written to a temporary directory.
-pub struct Certs {
+pub(crate) struct Certs {
     pub dir: tempfile::TempDir,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
@@ -36,7 +36,7 @@ pub struct Certs {
 }
 
 impl Certs {
-    pub fn new() -> Certs {
+    pub(crate) fn new() -> Certs {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = DevCa::new("test CA").expect("ca");
         let other = DevCa::new("rogue CA").expect("rogue ca");
@@ -68,7 +68,7 @@ impl Certs {
 
     /// A client certificate from `ca` with this subject (attributes in
     /// certificate order), written as `NAME.crt` / `NAME.key`.
-    pub fn client_with_subject(
+    pub(crate) fn client_with_subject(
         &self,
         name: &str,
         subject: &[(rcgen::DnType, &str)],
@@ -89,7 +89,7 @@ impl Certs {
     }
 
     /// A `credentials:` block for a TLS channel (with client CA when `mtls`).
-    pub fn credentials_yaml(&self, mtls: bool) -> String {
+    pub(crate) fn credentials_yaml(&self, mtls: bool) -> String {
         let mut s = format!(
             "    insecure-mode: false\n    credentials:\n      tls-server-key: {}\n      tls-server-cert: {}\n",
             self.server_key.display(),
@@ -103,7 +103,7 @@ impl Certs {
 }
 
 /// A gateway running in this process on loopback.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub addrs: Vec<BoundAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), gridgate::server::ServerError>>>,
@@ -111,12 +111,12 @@ pub struct TestServer {
 
 impl TestServer {
     /// Parses `yaml` (relative paths from `dir`), binds and serves it.
-    pub async fn start(yaml: &str, dir: &Path) -> TestServer {
+    pub(crate) async fn start(yaml: &str, dir: &Path) -> TestServer {
         let config = Config::parse(yaml, "test.yaml", dir).expect("config");
         TestServer::start_config(config).await
     }
 
-    pub async fn start_config(config: Config) -> TestServer {
+    pub(crate) async fn start_config(config: Config) -> TestServer {
         let gateway = Gateway::bind(config).await.expect("bind");
         let addrs = gateway.local_addrs();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -131,7 +131,7 @@ impl TestServer {
     }
 
     /// The first TCP address.
-    pub fn tcp(&self) -> std::net::SocketAddr {
+    pub(crate) fn tcp(&self) -> std::net::SocketAddr {
         self.addrs
             .iter()
             .find_map(|a| match a {
@@ -142,7 +142,7 @@ impl TestServer {
     }
 
     /// Stops it and waits for it to finish.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -161,7 +161,7 @@ impl Drop for TestServer {
 }
 
 /// A single-channel config on 127.0.0.1:0 with the given channel extras and the rest.
-pub fn loopback_config(channel_extra: &str, rest: &str) -> String {
+pub(crate) fn loopback_config(channel_extra: &str, rest: &str) -> String {
     let channel = if channel_extra.is_empty() {
         "    insecure-mode: true\n".to_string()
     } else {
@@ -171,7 +171,7 @@ pub fn loopback_config(channel_extra: &str, rest: &str) -> String {
 }
 
 /// A plaintext channel to `addr`, or the connection error.
-pub async fn plain_channel_result(
+pub(crate) async fn plain_channel_result(
     addr: std::net::SocketAddr,
 ) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_shared(format!("http://{addr}"))
@@ -182,7 +182,7 @@ pub async fn plain_channel_result(
 }
 
 /// A plaintext channel to `addr`.
-pub async fn plain_channel(addr: std::net::SocketAddr) -> Channel {
+pub(crate) async fn plain_channel(addr: std::net::SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
@@ -192,7 +192,7 @@ pub async fn plain_channel(addr: std::net::SocketAddr) -> Channel {
 }
 
 /// A TLS channel to `addr` trusting `ca`, optionally presenting a client certificate.
-pub async fn tls_channel(
+pub(crate) async fn tls_channel(
     addr: std::net::SocketAddr,
     ca: &Path,
     client: Option<(&Path, &Path)>,
@@ -215,7 +215,7 @@ pub async fn tls_channel(
 }
 
 /// A plaintext channel over a Unix socket.
-pub async fn unix_channel(path: &Path) -> Channel {
+pub(crate) async fn unix_channel(path: &Path) -> Channel {
     let path = path.to_path_buf();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -230,7 +230,7 @@ pub async fn unix_channel(path: &Path) -> Channel {
 }
 
 /// Calls grpc.health.v1.Health/Check for the whole server.
-pub async fn health_check(
+pub(crate) async fn health_check(
     channel: Channel,
 ) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Status> {
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -243,14 +243,14 @@ pub async fn health_check(
 }
 
 /// The real `gridgate` binary, started with arguments, its stderr collected.
-pub struct Binary {
+pub(crate) struct Binary {
     pub child: Child,
     lines: std_mpsc::Receiver<String>,
     pub seen: Vec<String>,
 }
 
 impl Binary {
-    pub fn start(args: &[&str]) -> Binary {
+    pub(crate) fn start(args: &[&str]) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gridgate"))
             .args(args)
             .env("NO_COLOR", "1")
@@ -277,7 +277,7 @@ impl Binary {
     }
 
     /// Waits for a stderr line containing `needle`, returning it.
-    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+    pub(crate) fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -294,7 +294,7 @@ impl Binary {
     }
 
     /// Waits for the "listening on ADDR" line and returns ADDR.
-    pub fn listening_addr(&mut self) -> std::net::SocketAddr {
+    pub(crate) fn listening_addr(&mut self) -> std::net::SocketAddr {
         let line = self
             .wait_for_line("listening on ", Duration::from_secs(30))
             .unwrap_or_else(|| panic!("no listening line; stderr so far: {:#?}", self.seen));
@@ -306,7 +306,7 @@ impl Binary {
     }
 
     /// Sends a signal to the process.
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
             .status()
@@ -315,7 +315,7 @@ impl Binary {
     }
 
     /// Waits for exit, with a timeout; returns the exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -340,7 +340,7 @@ impl Drop for Binary {
 }
 
 /// Runs the binary to completion; returns (exit code, stdout, stderr).
-pub fn run_binary(args: &[&str]) -> (i32, String, String) {
+pub(crate) fn run_binary(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_gridgate"))
         .args(args)
         .env("NO_COLOR", "1")
@@ -357,10 +357,10 @@ pub fn run_binary(args: &[&str]) -> (i32, String, String) {
 /// A codec that sends and receives raw message bytes, for requests a typed
 /// client cannot express (a repeated field, a malformed message).
 #[derive(Debug, Clone, Default)]
-pub struct RawCodec;
+pub(crate) struct RawCodec;
 
-pub struct RawEncoder;
-pub struct RawDecoder;
+pub(crate) struct RawEncoder;
+pub(crate) struct RawDecoder;
 
 impl tonic::codec::Encoder for RawEncoder {
     type Item = bytes::Bytes;
@@ -402,7 +402,7 @@ impl tonic::codec::Codec for RawCodec {
 }
 
 /// Calls a unary RPC by path with raw message bytes and optional metadata.
-pub async fn raw_unary(
+pub(crate) async fn raw_unary(
     channel: Channel,
     path: &'static str,
     message: bytes::Bytes,
@@ -424,7 +424,7 @@ pub async fn raw_unary(
 }
 
 /// A request with `authorization: Bearer TOKEN`.
-pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.metadata_mut().insert(
         "authorization",

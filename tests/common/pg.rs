@@ -8,14 +8,14 @@
 use std::time::Duration;
 
 /// A schema dropped when this is dropped; `url` points into it (search_path).
-pub struct Schema {
+pub(crate) struct Schema {
     pub url: String,
     base: String,
     name: String,
 }
 
 /// Makes a schema named after `test` plus a unique suffix.
-pub async fn fresh_schema(test: &str) -> Option<Schema> {
+pub(crate) async fn fresh_schema(test: &str) -> Option<Schema> {
     let base = std::env::var("GRIDGATE_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let required = std::env::var("GRIDGATE_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");

@@ -63,6 +63,7 @@ pub struct ListArgs {
     /// Continue a previous listing (the token it printed).
     #[arg(long, value_name = "T")]
     pub page_token: Option<String>,
+    /// How to reach the gateway.
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Print JSON (one object per invocation per line) instead of text.
@@ -79,6 +80,7 @@ pub struct ShowArgs {
     /// Its instance.
     #[arg(long, value_name = "I", default_value = "")]
     pub instance: String,
+    /// How to reach the gateway.
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Print one JSON object instead of text.
@@ -98,6 +100,7 @@ pub struct LogArgs {
     /// Start at this byte offset.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub offset: i64,
+    /// How to reach the gateway.
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Print JSON ({"offset", "next_offset", "complete", "data"}) instead of the text.

@@ -34,13 +34,21 @@ pub enum Fact {
     /// Lifecycle: the invocation attempt started.
     AttemptStarted,
     /// Lifecycle: the attempt finished with this `BuildStatus.Result`.
-    AttemptFinished { result: i32 },
+    AttemptFinished {
+        /// The `BuildStatus.Result` number (0, UNKNOWN_STATUS, when unset).
+        result: i32,
+    },
     /// BEP BuildStarted.
     Started {
+        /// The invocation's UUID as Bazel reports it.
         uuid: String,
+        /// The Bazel command, e.g. `build` or `test`.
         command: String,
+        /// `build_tool_version`, e.g. `7.4.1`.
         version: String,
+        /// When the build started, in milliseconds since the Unix epoch.
         start_millis: i64,
+        /// The client's workspace directory.
         workspace: String,
     },
     /// BEP PatternExpanded (the id carries the patterns).
@@ -49,45 +57,69 @@ pub enum Fact {
     CommandLine(Vec<String>),
     /// BEP WorkspaceStatus: BUILD_USER and BUILD_HOST.
     WorkspaceStatus {
+        /// `BUILD_USER`, when reported.
         user: Option<String>,
+        /// `BUILD_HOST`, when reported.
         host: Option<String>,
     },
     /// BEP BuildMetadata.
     Metadata(Vec<(String, String)>),
     /// BEP TargetConfigured.
     Configured {
+        /// The target's label.
         label: String,
+        /// The rule kind, e.g. `cc_library rule`.
         kind: String,
+        /// The test size name (`SMALL`, ...); empty for non-tests.
         test_size: String,
     },
     /// BEP TargetComplete.
     Completed {
+        /// The target's label.
         label: String,
+        /// Whether the target built.
         success: bool,
+        /// The failure detail's message; empty on success.
         failure_message: String,
+        /// Labels (or primary outputs) of the failed children that caused a
+        /// failure; empty on success.
         root_causes: Vec<String>,
     },
     /// BEP Aborted for a target (configured, completed or test summary id).
     Aborted {
+        /// The target's label.
         label: String,
+        /// The `Aborted.AbortReason` name, e.g. `USER_INTERRUPTED`.
         reason: String,
+        /// Bazel's free-text explanation.
         description: String,
     },
     /// BEP ActionExecuted (failed actions, by Bazel's default).
     Action(gg::ActionFailure),
     /// BEP TestResult: one attempt.
-    TestResult { label: String, run: gg::TestRun },
+    TestResult {
+        /// The test target's label.
+        label: String,
+        /// The attempt: run, shard, attempt numbers, status and logs.
+        run: gg::TestRun,
+    },
     /// BEP TestSummary.
     TestSummary {
+        /// The test target's label.
         label: String,
+        /// The overall status and counts (without runs, which come from
+        /// [`Fact::TestResult`]).
         summary: gg::TestInfo,
     },
     /// BEP Progress: console output (stdout, then stderr).
     Progress(String),
     /// BEP BuildFinished.
     Finished {
+        /// Bazel's exit code (0 when unset).
         code: i32,
+        /// The exit code's name, e.g. `SUCCESS` or `BUILD_FAILURE`.
         name: String,
+        /// When the build finished, in milliseconds since the Unix epoch.
         finish_millis: i64,
     },
     /// BEP BuildMetrics.

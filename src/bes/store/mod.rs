@@ -56,18 +56,34 @@ pub enum Outcome {
     Stored,
     /// That sequence number was stored before (a retransmission); nothing was
     /// stored. `identical` tells whether the stored event has the same bytes.
-    Duplicate { identical: bool },
+    Duplicate {
+        /// Whether the stored event's bytes equal the new one's.
+        identical: bool,
+    },
 }
 
 /// Why a store refused an event (and every later event of the same batch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// The event skips sequence numbers: the stream expects `expected` next.
-    Gap { expected: i64, got: i64 },
+    Gap {
+        /// The sequence number the stream expects next.
+        expected: i64,
+        /// The event's sequence number.
+        got: i64,
+    },
     /// The stream has received its final event (number `last`) already.
-    Finished { last: i64, got: i64 },
+    Finished {
+        /// The sequence number of the stream's final event.
+        last: i64,
+        /// The event's sequence number.
+        got: i64,
+    },
     /// The store is full and nothing can be evicted to make room.
-    Full { budget: u64 },
+    Full {
+        /// The store's budget in bytes (`build-events.max-bytes`).
+        budget: u64,
+    },
 }
 
 /// The result of [`EventStore::publish_events`]: one outcome per event,

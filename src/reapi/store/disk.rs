@@ -65,8 +65,11 @@ pub struct DiskStore {
 #[derive(Debug, thiserror::Error)]
 #[error("CAS directory {path}: {what}: {source}")]
 pub struct OpenError {
+    /// The directory or file the operation was on.
     pub path: PathBuf,
+    /// What was being done, e.g. `cannot create`.
     pub what: &'static str,
+    /// The filesystem's error.
     #[source]
     pub source: io::Error,
 }

@@ -23,9 +23,14 @@ pub const PIPELINE_DEPTH: usize = 8;
 
 /// Hashes an upload, inline or on a thread of its own.
 pub enum UploadHasher {
+    /// Uploads below [`PIPELINE_MIN`]: hashed as the chunks arrive.
     Inline(Sha256),
+    /// Larger uploads: chunks go to a blocking task that hashes them while
+    /// the next ones are received.
     Pipelined {
+        /// Chunks for the hashing task (at most [`PIPELINE_DEPTH`] queued).
         chunks: mpsc::Sender<Bytes>,
+        /// The hashing task; it returns the hash when `chunks` closes.
         task: JoinHandle<Sha256>,
     },
 }

@@ -15,7 +15,7 @@ use super::super::digest::BlobKey;
 
 /// An LRU index of blobs with a byte budget; `V` is what the store keeps per
 /// blob (the bytes for memory, bookkeeping for disk).
-pub struct Lru<V> {
+pub(super) struct Lru<V> {
     entries: HashMap<BlobKey, Entry<V>>,
     order: BTreeMap<u64, BlobKey>,
     tick: u64,
@@ -41,7 +41,7 @@ pub struct NoRoom {
 
 impl<V> Lru<V> {
     /// An empty index with a budget of `max` bytes.
-    pub fn new(max: u64) -> Lru<V> {
+    pub(super) fn new(max: u64) -> Lru<V> {
         Lru {
             entries: HashMap::new(),
             order: BTreeMap::new(),
@@ -54,28 +54,28 @@ impl<V> Lru<V> {
     }
 
     /// Blobs evicted since the index was made.
-    pub fn evictions(&self) -> u64 {
+    pub(super) fn evictions(&self) -> u64 {
         self.evictions
     }
 
     /// The budget.
-    pub fn max(&self) -> u64 {
+    pub(super) fn max(&self) -> u64 {
         self.max
     }
 
     /// Bytes held by stored blobs.
-    pub fn used(&self) -> u64 {
+    pub(super) fn used(&self) -> u64 {
         self.used
     }
 
     /// Bytes reserved by uploads in progress.
     #[cfg(test)]
-    pub fn reserved(&self) -> u64 {
+    pub(super) fn reserved(&self) -> u64 {
         self.reserved
     }
 
     /// Number of stored blobs.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
 
@@ -85,7 +85,7 @@ impl<V> Lru<V> {
     }
 
     /// Marks `key` as just used and returns its value.
-    pub fn touch(&mut self, key: &BlobKey) -> Option<&mut V> {
+    pub(super) fn touch(&mut self, key: &BlobKey) -> Option<&mut V> {
         let tick = self.next_tick();
         let entry = self.entries.get_mut(key)?;
         self.order.remove(&entry.tick);
@@ -96,13 +96,13 @@ impl<V> Lru<V> {
 
     /// Whether `key` is stored (without changing its order).
     #[cfg(test)]
-    pub fn contains(&self, key: &BlobKey) -> bool {
+    pub(super) fn contains(&self, key: &BlobKey) -> bool {
         self.entries.contains_key(key)
     }
 
     /// Reserves `n` bytes for an upload, evicting least recently used blobs as
     /// needed; returns what was evicted (the store disposes of it).
-    pub fn reserve(&mut self, n: u64) -> Result<Vec<(BlobKey, V)>, NoRoom> {
+    pub(super) fn reserve(&mut self, n: u64) -> Result<Vec<(BlobKey, V)>, NoRoom> {
         if self.reserved.saturating_add(n) > self.max {
             return Err(NoRoom {
                 wanted: n,
@@ -122,14 +122,14 @@ impl<V> Lru<V> {
     }
 
     /// Gives back `n` reserved bytes.
-    pub fn release(&mut self, n: u64) {
+    pub(super) fn release(&mut self, n: u64) {
         self.reserved = self.reserved.saturating_sub(n);
     }
 
     /// Stores `key` using `key.size` bytes previously reserved. If it is
     /// already stored (a concurrent upload won), the reservation is released
     /// and `false` is returned with the value handed back.
-    pub fn insert_reserved(&mut self, key: BlobKey, value: V) -> Result<(), V> {
+    pub(super) fn insert_reserved(&mut self, key: BlobKey, value: V) -> Result<(), V> {
         self.release(key.size);
         if self.entries.contains_key(&key) {
             self.touch(&key);
@@ -144,7 +144,7 @@ impl<V> Lru<V> {
 
     /// Adds a blob found at start-up, in least-recently-used-first order,
     /// without a reservation. Returns evicted blobs if over budget.
-    pub fn insert_loaded(&mut self, key: BlobKey, value: V) -> Vec<(BlobKey, V)> {
+    pub(super) fn insert_loaded(&mut self, key: BlobKey, value: V) -> Vec<(BlobKey, V)> {
         if self.entries.contains_key(&key) {
             return Vec::new();
         }

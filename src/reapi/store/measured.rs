@@ -17,6 +17,7 @@ pub struct Measured {
 }
 
 impl Measured {
+    /// Wraps `inner`, counting under `instance`'s label.
     pub fn new(inner: Arc<dyn BlobStore>, instance: &str) -> Measured {
         Measured {
             inner,

@@ -31,18 +31,36 @@ pub type BlobStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Sen
 pub enum StoreError {
     /// The data's SHA-256 is not the one in the digest.
     #[error("data does not match digest {expected}: its SHA-256 is {actual}")]
-    HashMismatch { expected: BlobKey, actual: String },
+    HashMismatch {
+        /// The digest the data was sent under.
+        expected: BlobKey,
+        /// The data's SHA-256, hex.
+        actual: String,
+    },
     /// The data's length is not the one in the digest.
     #[error("data does not match digest {expected}: got {got} bytes, the digest says {}", expected.size)]
-    SizeMismatch { expected: BlobKey, got: u64 },
+    SizeMismatch {
+        /// The digest the data was sent under.
+        expected: BlobKey,
+        /// The data's length in bytes.
+        got: u64,
+    },
     /// The blob alone is larger than the store.
     #[error("blob of {size} bytes is larger than this instance's CAS budget of {max} bytes")]
-    TooLarge { size: u64, max: u64 },
+    TooLarge {
+        /// The blob's size in bytes.
+        size: u64,
+        /// The store's budget in bytes (`cas.max-bytes`).
+        max: u64,
+    },
     /// Uploads in progress hold the whole budget.
     #[error("no room for {wanted} bytes: uploads in progress reserve {reserved} of the CAS budget of {max} bytes; retry later")]
     NoRoom {
+        /// The bytes the upload needs.
         wanted: u64,
+        /// The bytes other uploads in progress hold.
         reserved: u64,
+        /// The store's budget in bytes (`cas.max-bytes`).
         max: u64,
     },
     /// A filesystem operation failed (the path is logged, not returned).

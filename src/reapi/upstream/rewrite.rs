@@ -130,13 +130,13 @@ impl Names {
 /// Rewrites requests to name the upstream's instance, and operation names in
 /// responses to name the public one.
 #[derive(Debug, Clone)]
-pub struct Rewrite {
+pub(super) struct Rewrite {
     names: Arc<Names>,
     limits: Limits,
 }
 
 /// What to do with the response of a rewritten request.
-pub struct ResponseRewrite {
+pub(super) struct ResponseRewrite {
     mode: ResponseMode,
     names: Arc<Names>,
     limits: Limits,
@@ -145,7 +145,7 @@ pub struct ResponseRewrite {
 impl Rewrite {
     /// Between the public instance `public` and the upstream's `upstream`;
     /// messages are held to `limits`.
-    pub fn new(public: &str, upstream: &str, limits: Limits) -> Rewrite {
+    pub(super) fn new(public: &str, upstream: &str, limits: Limits) -> Rewrite {
         Rewrite {
             names: Arc::new(Names {
                 public: public.to_string(),
@@ -157,7 +157,7 @@ impl Rewrite {
 
     /// Wraps the body of `req` so its messages name the upstream instance;
     /// also says how the response must be rewritten, if at all.
-    pub fn apply(
+    pub(super) fn apply(
         &self,
         mut req: http::Request<Body>,
     ) -> Result<(http::Request<Body>, Option<ResponseRewrite>), Status> {
@@ -189,7 +189,7 @@ impl Rewrite {
 
 impl ResponseRewrite {
     /// Wraps the body of `resp` so its operation names are the public ones.
-    pub fn apply(self, resp: http::Response<Body>) -> http::Response<Body> {
+    pub(super) fn apply(self, resp: http::Response<Body>) -> http::Response<Body> {
         let ResponseRewrite {
             mode,
             names,

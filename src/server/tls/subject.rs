@@ -38,7 +38,7 @@ const SHORT_NAMES: &[(&str, &str)] = &[
 
 /// `name` as an RFC 4514 string; `None` if a value cannot be encoded again
 /// (then the certificate carries no subject a rule could match).
-pub fn rfc4514(name: &X509Name<'_>) -> Option<String> {
+pub(super) fn rfc4514(name: &X509Name<'_>) -> Option<String> {
     let mut out = String::new();
     for (i, rdn) in name
         .iter()
@@ -86,7 +86,7 @@ fn write_attribute(out: &mut String, attribute: &AttributeTypeAndValue<'_>) -> O
 
 /// The text of a value of one of the string types X.520 uses, if it is one
 /// and well encoded.
-pub fn string_value(value: &Any<'_>) -> Option<String> {
+pub(super) fn string_value(value: &Any<'_>) -> Option<String> {
     let data = value.data;
     match value.tag() {
         Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::NumericString => {
