@@ -242,7 +242,7 @@ impl Inner {
                 self.stats.evicted_streams += 1;
                 tracing::info!(
                     stream = %victim,
-                    instance = %s.info.key.instance,
+                    instance = %crate::gate::audit::bounded(&s.info.key.instance),
                     events = s.events.len(),
                     bytes = s.bytes,
                     finished = s.info.finished,
