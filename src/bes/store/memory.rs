@@ -155,20 +155,36 @@ impl Inner {
         let Some(key) = InvocationKey::of(stream) else {
             return;
         };
-        let inv = self.invocations.get(&key);
-        let touched = model::labels(stored.iter().copied())
-            .into_iter()
-            .filter_map(|l| Some((l.clone(), inv?.targets.get(&l)?.clone())))
-            .collect();
-        let summary = inv.map(|i| i.summary.clone());
+        // The summary and the touched targets are moved out and back in
+        // (under the store's lock, so no reader sees them missing), not
+        // cloned: a batch costs what it changes, not the invocation's size.
+        let (summary, touched) = match self.invocations.get_mut(&key) {
+            Some(inv) => {
+                let touched = model::labels(stored.iter().copied())
+                    .into_iter()
+                    .filter_map(|l| {
+                        let t = inv.targets.remove(&l)?;
+                        Some((l, t))
+                    })
+                    .collect();
+                (Some(std::mem::take(&mut inv.summary)), touched)
+            }
+            None => (None, HashMap::new()),
+        };
+        let had = summary.as_ref().map(Cursor::of);
         let Some(update) = model::apply(stream, summary, touched, stored.iter().copied()) else {
             return;
         };
         let inv = self.invocations.entry(key).or_default();
         inv.updated_ms = now_millis();
-        self.listing.remove(&Cursor::of(&inv.summary));
+        let now = Cursor::of(&update.invocation);
+        if had.as_ref() != Some(&now) {
+            if let Some(had) = &had {
+                self.listing.remove(had);
+            }
+            self.listing.insert(now);
+        }
         inv.summary = update.invocation;
-        self.listing.insert(Cursor::of(&inv.summary));
         for t in update.targets {
             inv.targets.insert(t.label.clone(), t);
         }
