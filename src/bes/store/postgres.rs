@@ -965,15 +965,39 @@ impl PostgresStore {
     ) -> Result<Vec<gg::Target>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(
-                "SELECT body FROM bes_targets
-                 WHERE instance = $1 AND invocation_id = $2 AND ($3::TEXT IS NULL OR label > $3)
-                 ORDER BY label LIMIT $4",
-                &[&key.instance, &key.invocation_id, &after, &limit],
-            )
-            .await
-            .map_err(|e| pg_error("reading targets", e))?;
+        let e = |e| pg_error("reading targets", e);
+        // Two statements, not one with `$3 IS NULL OR label > $3`: a generic
+        // plan of that reads every label before the page's first and filters
+        // them out, so each page cost more than the one before.
+        let rows = match after {
+            None => {
+                let first = client
+                    .prepare_cached(
+                        "SELECT body FROM bes_targets WHERE instance = $1 AND invocation_id = $2
+                         ORDER BY label LIMIT $3",
+                    )
+                    .await
+                    .map_err(e)?;
+                client
+                    .query(&first, &[&key.instance, &key.invocation_id, &limit])
+                    .await
+                    .map_err(e)?
+            }
+            Some(after) => {
+                let next = client
+                    .prepare_cached(
+                        "SELECT body FROM bes_targets
+                         WHERE instance = $1 AND invocation_id = $2 AND label > $3
+                         ORDER BY label LIMIT $4",
+                    )
+                    .await
+                    .map_err(e)?;
+                client
+                    .query(&next, &[&key.instance, &key.invocation_id, &after, &limit])
+                    .await
+                    .map_err(e)?
+            }
+        };
         rows.iter()
             .map(|r| {
                 gg::Target::decode(r.get::<_, &[u8]>(0))
