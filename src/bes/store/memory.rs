@@ -26,6 +26,8 @@ use crate::proto::gridgate::v1 as gg;
 /// bookkeeping around them.
 const STREAM_OVERHEAD: u64 = 256;
 const EVENT_OVERHEAD: u64 = 64;
+/// Streams retention deletes per hold of the store's lock.
+const SWEEP_STEP: usize = 10;
 
 /// The in-memory store.
 pub struct MemoryStore {
@@ -191,26 +193,28 @@ impl Inner {
         inv.log.extend(update.log);
     }
 
-    /// Forgets the invocation a stream fed (its stream is gone).
-    fn drop_invocation(&mut self, stream: &StreamKey) {
-        if let Some(inv) = InvocationKey::of(stream).and_then(|k| self.invocations.remove(&k)) {
-            self.listing.remove(&Cursor::of(&inv.summary));
-        }
+    /// Forgets the invocation a stream fed (its stream is gone); returns it.
+    fn drop_invocation(&mut self, stream: &StreamKey) -> Option<Invocation> {
+        let inv = InvocationKey::of(stream).and_then(|k| self.invocations.remove(&k))?;
+        self.listing.remove(&Cursor::of(&inv.summary));
+        Some(inv)
     }
 
-    /// Removes a stream (and the invocation it fed), freeing its bytes.
-    fn remove_stream(&mut self, key: &StreamKey) -> Option<Stream> {
+    /// Removes a stream and the invocation it fed, taking their bytes off
+    /// the budget; returns them (for the caller to free).
+    fn remove_stream(&mut self, key: &StreamKey) -> Option<(Stream, Option<Invocation>)> {
         let s = self.streams.remove(key)?;
-        self.drop_invocation(key);
+        let inv = self.drop_invocation(key);
         self.finished.remove(&s.tick);
         self.active.remove(&s.tick);
         self.bytes -= s.bytes;
-        Some(s)
+        Some((s, inv))
     }
 
     /// Deletes up to `batch` streams last written before `before`, oldest
-    /// first (ticks follow write order, so each queue is oldest first).
-    fn expire(&mut self, before: i64, batch: usize) -> u64 {
+    /// first (ticks follow write order, so each queue is oldest first);
+    /// returns what it removed, to be freed once the lock is released.
+    fn expire(&mut self, before: i64, batch: usize) -> Vec<(Stream, Option<Invocation>)> {
         let mut victims = Vec::new();
         for queue in [&self.finished, &self.active] {
             for k in queue.values() {
@@ -226,8 +230,8 @@ impl Inner {
         victims.truncate(batch);
         victims
             .iter()
-            .filter(|k| self.remove_stream(k).is_some())
-            .count() as u64
+            .filter_map(|k| self.remove_stream(k))
+            .collect()
     }
 
     /// Marks running invocations silent since before `before` abandoned.
@@ -254,7 +258,7 @@ impl Inner {
                 .find(|(_, k)| *k != writing)
                 .map(|(_, k)| k.clone());
             let Some(victim) = victim else { return false };
-            if let Some(s) = self.remove_stream(&victim) {
+            if let Some((s, _)) = self.remove_stream(&victim) {
                 self.stats.evicted_streams += 1;
                 tracing::info!(
                     stream = %victim,
@@ -398,12 +402,24 @@ impl EventStore for MemoryStore {
         abandon_before: Option<i64>,
         batch: usize,
     ) -> BoxFuture<'a, Result<Swept, StoreError>> {
-        let mut inner = self.lock();
-        let out = Swept {
-            deleted_streams: expire_before.map_or(0, |t| inner.expire(t, batch)),
-            abandoned: abandon_before.map_or(0, |t| inner.abandon(t, batch)),
-        };
-        drop(inner);
+        let mut out = Swept::default();
+        if let Some(before) = expire_before {
+            // A few streams per hold of the lock, freed after it is
+            // released: ingest waits for one short step, never for a batch.
+            while (out.deleted_streams as usize) < batch {
+                let want = (batch - out.deleted_streams as usize).min(SWEEP_STEP);
+                let removed = self.lock().expire(before, want);
+                out.deleted_streams += removed.len() as u64;
+                let done = removed.len() < want;
+                drop(removed);
+                if done {
+                    break;
+                }
+            }
+        }
+        if let Some(before) = abandon_before {
+            out.abandoned = self.lock().abandon(before, batch);
+        }
         async move { Ok(out) }.boxed()
     }
 
