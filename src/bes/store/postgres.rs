@@ -565,7 +565,11 @@ async fn update_invocation(
                 .map_err(|e| StoreError::Internal(format!("corrupt invocation record: {e}")))?,
         )
     };
-    let labels = model::labels(stored.iter().copied());
+    // A new invocation has no stored targets to read.
+    let labels = match summary {
+        Some(_) => model::labels(stored.iter().copied()),
+        None => Vec::new(),
+    };
     let mut touched = std::collections::HashMap::new();
     if !labels.is_empty() {
         let read = tx
@@ -599,61 +603,65 @@ async fn update_invocation(
         )
         .await
         .map_err(e)?;
-    tx.execute(
-        &write,
-        &[
-            &key.instance,
-            &key.invocation_id,
-            &inv.build_id,
-            &inv.start_time_millis,
-            &(inv.state as i16),
-            &inv.user,
-            &inv.command,
-            &inv.patterns,
-            &metadata,
-            &inv.last_event_millis,
-            &inv.encode_to_vec(),
-            &super::now_millis(),
-        ],
-    )
-    .await
-    .map_err(e)?;
-    if !update.targets.is_empty() {
-        let labels: Vec<&str> = update.targets.iter().map(|t| t.label.as_str()).collect();
-        let bodies: Vec<Vec<u8>> = update.targets.iter().map(Message::encode_to_vec).collect();
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO bes_targets (instance, invocation_id, label, body)
-                 SELECT $1, $2, * FROM UNNEST($3::TEXT[], $4::BYTEA[])
-                 ON CONFLICT (instance, invocation_id, label) DO UPDATE SET body = EXCLUDED.body",
-            )
-            .await
-            .map_err(e)?;
+    let upsert = tx
+        .prepare_cached(
+            "INSERT INTO bes_targets (instance, invocation_id, label, body)
+             SELECT $1, $2, * FROM UNNEST($3::TEXT[], $4::BYTEA[])
+             ON CONFLICT (instance, invocation_id, label) DO UPDATE SET body = EXCLUDED.body",
+        )
+        .await
+        .map_err(e)?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO bes_logs (instance, invocation_id, byte_offset, data)
+             SELECT $1, $2, * FROM UNNEST($3::BIGINT[], $4::BYTEA[])
+             ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(e)?;
+    let (state, body, now) = (inv.state as i16, inv.encode_to_vec(), super::now_millis());
+    let labels: Vec<&str> = update.targets.iter().map(|t| t.label.as_str()).collect();
+    let bodies: Vec<Vec<u8>> = update.targets.iter().map(Message::encode_to_vec).collect();
+    let offsets: Vec<i64> = update.log.iter().map(|(o, _)| *o).collect();
+    let texts: Vec<&[u8]> = update.log.iter().map(|(_, t)| t.as_ref()).collect();
+    // The three writes are independent: sent together, they share one
+    // round trip (tokio-postgres pipelines the statements of one connection).
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        &key.instance,
+        &key.invocation_id,
+        &inv.build_id,
+        &inv.start_time_millis,
+        &state,
+        &inv.user,
+        &inv.command,
+        &inv.patterns,
+        &metadata,
+        &inv.last_event_millis,
+        &body,
+        &now,
+    ];
+    let summary = tx.execute(&write, &params);
+    let targets = async {
+        if labels.is_empty() {
+            return Ok(0);
+        }
         tx.execute(
             &upsert,
             &[&key.instance, &key.invocation_id, &labels, &bodies],
         )
         .await
-        .map_err(e)?;
-    }
-    if !update.log.is_empty() {
-        let offsets: Vec<i64> = update.log.iter().map(|(o, _)| *o).collect();
-        let texts: Vec<&[u8]> = update.log.iter().map(|(_, t)| t.as_ref()).collect();
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO bes_logs (instance, invocation_id, byte_offset, data)
-                 SELECT $1, $2, * FROM UNNEST($3::BIGINT[], $4::BYTEA[])
-                 ON CONFLICT DO NOTHING",
-            )
-            .await
-            .map_err(e)?;
+    };
+    let log = async {
+        if offsets.is_empty() {
+            return Ok(0);
+        }
         tx.execute(
             &insert,
             &[&key.instance, &key.invocation_id, &offsets, &texts],
         )
         .await
-        .map_err(e)?;
-    }
+    };
+    futures_util::try_join!(summary, targets, log).map_err(e)?;
     Ok(())
 }
 
