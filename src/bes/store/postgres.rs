@@ -19,7 +19,7 @@
 //!   without TLS (`NoTls`): use a local or otherwise protected network.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -130,6 +130,12 @@ const MIGRATION_LOCK: i64 = 0x6772_6964_6761_7465;
 pub struct PostgresStore {
     pool: Pool,
     stored: AtomicU64,
+    /// Where the next retention batch starts looking (`updated_ms`): the
+    /// newest age the last batch deleted. The rows it deleted stay in the
+    /// index as dead entries until vacuum, and a scan from the oldest end
+    /// would step over all of them for every batch. A hint only: a sweep
+    /// that comes up short starts again from the oldest end.
+    sweep_from: AtomicI64,
     duplicates: AtomicU64,
 }
 
@@ -168,6 +174,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool,
             stored: AtomicU64::new(0),
+            sweep_from: AtomicI64::new(i64::MIN),
             duplicates: AtomicU64::new(0),
         };
         store.migrate().await?;
@@ -790,18 +797,27 @@ impl PostgresStore {
         if let Some(before) = expire_before {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(e)?;
+            let from = self.sweep_from.load(Ordering::Relaxed);
             let gone = tx
                 .query(
                     "WITH victims AS (
-                         SELECT id FROM bes_streams WHERE updated_ms < $1
+                         SELECT id FROM bes_streams WHERE updated_ms >= $3 AND updated_ms < $1
                          ORDER BY updated_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
                      DELETE FROM bes_streams s USING victims v WHERE s.id = v.id
-                     RETURNING s.instance, s.invocation_id",
-                    &[&before, &limit],
+                     RETURNING s.instance, s.invocation_id, s.updated_ms",
+                    &[&before, &limit, &from],
                 )
                 .await
                 .map_err(e)?;
             out.deleted_streams = gone.len() as u64;
+            let next = if gone.len() < batch {
+                i64::MIN
+            } else {
+                gone.iter()
+                    .map(|r| r.get::<_, i64>(2))
+                    .max()
+                    .unwrap_or(i64::MIN)
+            };
             let (insts, ids): (Vec<String>, Vec<String>) = gone
                 .iter()
                 .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
@@ -821,6 +837,7 @@ impl PostgresStore {
                 }
             }
             tx.commit().await.map_err(e)?;
+            self.sweep_from.store(next, Ordering::Relaxed);
         }
         if let Some(before) = abandon_before {
             let mut client = self.pool.get().await.map_err(pool_error)?;
