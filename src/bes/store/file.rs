@@ -68,8 +68,6 @@ const CACHE_BYTES: usize = 64 << 20;
 
 /// Most publish requests applied in one transaction.
 const MAX_GROUP: usize = 512;
-/// Streams retention deletes per write transaction.
-const SWEEP_STEP: usize = 10;
 
 /// A stream as stored.
 #[derive(Clone, PartialEq, Message)]
@@ -860,31 +858,10 @@ impl EventStore for FileStore {
         abandon_before: Option<i64>,
         batch: usize,
     ) -> BoxFuture<'a, Result<Swept, StoreError>> {
-        // A few streams per write transaction: the writer thread's next
-        // group waits for one short step, never for a whole batch.
-        async move {
-            let mut out = Swept::default();
-            if expire_before.is_some() {
-                while (out.deleted_streams as usize) < batch {
-                    let want = (batch - out.deleted_streams as usize).min(SWEEP_STEP);
-                    let step = self
-                        .read(move |db| sweep(db, expire_before, None, want))
-                        .await?;
-                    out.deleted_streams += step.deleted_streams;
-                    if (step.deleted_streams as usize) < want {
-                        break;
-                    }
-                }
-            }
-            if abandon_before.is_some() {
-                out.abandoned = self
-                    .read(move |db| sweep(db, None, abandon_before, batch))
-                    .await?
-                    .abandoned;
-            }
-            Ok(out)
-        }
-        .boxed()
+        // Its own small write transaction: the writer thread's next group
+        // waits for it at most one batch long.
+        self.read(move |db| sweep(db, expire_before, abandon_before, batch))
+            .boxed()
     }
 
     fn list_invocations<'a>(
