@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example invocations_load -- ingest  --store file:/tmp/b.redb
-//! cargo run --release --example invocations_load -- queries --store postgres:URL --invocations 1000000
+//! cargo run --release --example invocations_load -- queries --store postgres:URL --invocations 1000000 [--through-store 200000]
 //! cargo run --release --example invocations_load -- retention --store file:/tmp/r.redb
 //! ```
 //!
@@ -51,6 +51,10 @@ enum Cmd {
         streams: usize,
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Only this side (`on` or `off`), e.g. to count its instructions
+        /// under callgrind.
+        #[arg(long)]
+        only: Option<String>,
     },
     Queries {
         #[arg(long)]
@@ -64,13 +68,80 @@ enum Cmd {
         /// Use the invocations already stored (named as this command names them).
         #[arg(long)]
         no_populate: bool,
+        /// PostgreSQL only: store this many through the store and copy them
+        /// in SQL (same tables and indexes) up to `--invocations`.
+        #[arg(long)]
+        through_store: Option<usize>,
     },
     Retention {
         #[arg(long)]
         store: String,
         #[arg(long, default_value_t = 100_000)]
         invocations: usize,
+        /// PostgreSQL only: as for `queries`.
+        #[arg(long)]
+        through_store: Option<usize>,
+        /// Store nothing first: every stream already stored is old (e.g.
+        /// the million a `queries` run left).
+        #[arg(long)]
+        no_populate: bool,
     },
+}
+
+/// PostgreSQL: copies the invocations (and their streams) of `tag` stored so
+/// far until there are about `total`; the copies have no events. Returns how
+/// many invocations there are then.
+async fn copy_in_sql(store: &str, tag: &str, stored: usize, total: usize) -> usize {
+    let Some(url) = store.strip_prefix("postgres:") else {
+        return stored;
+    };
+    let copies = total.div_ceil(stored).saturating_sub(1);
+    if copies == 0 {
+        return stored;
+    }
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let t = Instant::now();
+    let n = i64::try_from(copies).expect("copies");
+    let streams = client
+        .execute(
+            &format!(
+                "INSERT INTO bes_streams (build_id, invocation_id, component, instance,
+                     last_seq, finished, indexed, updated_ms)
+                 SELECT build_id || '-c' || g, invocation_id || '-c' || g, component, instance,
+                     last_seq, finished, indexed, updated_ms
+                 FROM bes_streams, generate_series(1, $1::BIGINT) g
+                 WHERE build_id LIKE '{tag}-build-%'"
+            ),
+            &[&n],
+        )
+        .await
+        .expect("copy streams");
+    let invocations = client
+        .execute(
+            &format!(
+                "INSERT INTO bes_invocations (instance, invocation_id, build_id, started_ms, state,
+                     user_name, command, patterns, metadata, last_event_ms, updated_ms, body)
+                 SELECT instance, invocation_id || '-c' || g, build_id || '-c' || g, started_ms + g,
+                     state, user_name, command, patterns, metadata, last_event_ms, updated_ms, body
+                 FROM bes_invocations, generate_series(1, $1::BIGINT) g
+                 WHERE invocation_id LIKE '{tag}-inv-%'"
+            ),
+            &[&n],
+        )
+        .await
+        .expect("copy invocations");
+    client
+        .batch_execute("ANALYZE bes_streams; ANALYZE bes_invocations")
+        .await
+        .expect("analyze");
+    eprintln!(
+        "copied in SQL: {streams} streams, {invocations} invocations in {:?}",
+        t.elapsed()
+    );
+    stored + invocations as usize
 }
 
 fn config(store: &str) -> BuildEventsConfig {
@@ -314,8 +385,17 @@ async fn main() {
             store: s,
             streams,
             reps,
+            only,
         } => {
             let store = store::open(&config(&s)).await.expect("store");
+            if let Some(side) = only {
+                let decode = side == "on";
+                for r in 0..reps {
+                    let a = ingest_once(&store, streams, decode, &format!("{side}{r}")).await;
+                    println!("rep {r}: decoding {side} {a:.0} events/s");
+                }
+                return;
+            }
             let mut on = Vec::new();
             let mut off = Vec::new();
             for r in 0..reps {
@@ -340,11 +420,16 @@ async fn main() {
             instances,
             samples,
             no_populate,
+            through_store,
         } => {
             let store = store::open(&config(&s)).await.expect("store");
+            let direct = through_store.unwrap_or(invocations).min(invocations);
+            let mut total = invocations;
             if !no_populate {
-                populate(&store, invocations, instances, "q").await;
+                populate(&store, direct, instances, "q").await;
+                total = copy_in_sql(&s, "q", direct, invocations).await;
             }
+            let invocations = direct;
             let big = key("team-0", usize::MAX >> 1, "big");
             let t = Instant::now();
             for chunk in big_build(&big, 10_000).chunks(500) {
@@ -393,6 +478,22 @@ async fn main() {
             }
             report("GetInvocation of a 10 000-target build, all 10 pages", get);
             report("GetInvocation one page of 1 000 targets", page);
+            let mut whole = Vec::new();
+            for _ in 0..samples.min(50) {
+                let t = Instant::now();
+                store
+                    .get_invocation(&ik)
+                    .await
+                    .expect("get")
+                    .expect("stored");
+                let targets = store.get_targets(&ik, None, 10_000).await.expect("targets");
+                whole.push(t.elapsed());
+                assert_eq!(targets.len(), 10_000);
+            }
+            report(
+                "GetInvocation of a 10 000-target build, one page of 10 000",
+                whole,
+            );
             let mut byid = Vec::new();
             for i in 0..samples {
                 let n = (i * 7919) % invocations;
@@ -403,18 +504,43 @@ async fn main() {
                 assert_eq!(found.len(), 1);
             }
             report(
-                &format!("build-id event query among {} streams", invocations + 1),
+                &format!(
+                    "build-id event query among {} streams",
+                    total.max(invocations) + 1
+                ),
                 byid,
             );
         }
         Cmd::Retention {
             store: s,
             invocations,
+            through_store,
+            no_populate,
         } => {
             let store = store::open(&config(&s)).await.expect("store");
-            populate(&store, invocations, 10, "old").await;
-            let base = ingest_once(&store, 16, true, "base").await;
-            println!("ingest without retention: {base:.0} events/s");
+            if !no_populate {
+                let direct = through_store.unwrap_or(invocations).min(invocations);
+                populate(&store, direct, 10, "old").await;
+                copy_in_sql(&s, "old", direct, invocations).await;
+            }
+            // Ingest alone, for as long as the deletion is likely to take a
+            // tenth of, before and after it: the store grows with every run,
+            // so the runs during the deletion are compared with both.
+            let alone = |tag: &'static str| {
+                let store = store.clone();
+                async move {
+                    let t = Instant::now();
+                    let mut runs = Vec::new();
+                    while runs.len() < 5 || t.elapsed() < Duration::from_secs(10) {
+                        runs.push(
+                            ingest_once(&store, 16, true, &format!("{tag}{}", runs.len())).await,
+                        );
+                    }
+                    runs.iter().sum::<f64>() / runs.len() as f64
+                }
+            };
+            let before = alone("before").await;
+            println!("ingest without retention, before: {before:.0} events/s");
             // Everything stored so far is old; what ingest stores now is not.
             let cutoff = store::now_millis() + 1;
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -441,9 +567,12 @@ async fn main() {
             }
             let (deleted, took) = sweeper.await.expect("sweeper");
             println!("retention deleted {deleted} streams in {took:?}");
+            let after = alone("after").await;
+            println!("ingest without retention, after: {after:.0} events/s");
+            let base = (before + after) / 2.0;
             let avg = during.iter().sum::<f64>() / during.len().max(1) as f64;
             println!(
-                "ingest while deleting: {avg:.0} events/s over {} runs ({:+.1} %)",
+                "ingest while deleting: {avg:.0} events/s over {} runs ({:+.1} % against before and after)",
                 during.len(),
                 (avg / base - 1.0) * 100.0
             );

@@ -70,13 +70,17 @@ pub fn component_name(component: i32) -> &'static str {
     }
 }
 
+/// Shown in error messages and log lines, each id cut by
+/// [`bounded`](crate::gate::audit::bounded): a client's id never reaches a log
+/// line whole.
 impl std::fmt::Display for StreamKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::gate::audit::bounded;
         write!(
             f,
             "{{build_id {:?}, invocation_id {:?}, {}}}",
-            self.build_id,
-            self.invocation_id,
+            bounded(&self.build_id),
+            bounded(&self.invocation_id),
             self.component_name()
         )
     }
@@ -257,7 +261,7 @@ pub enum EventError {
         limit: usize,
     },
     /// An id field is longer than its limit (e.g. [`MAX_ID_BYTES`]).
-    #[error("{field} is {len} bytes long, over the limit of {limit}")]
+    #[error("{field} is {len} bytes long, over the limit of {limit} bytes ({name})")]
     FieldTooLong {
         /// The field's protocol name, e.g. `stream_id.build_id`.
         field: &'static str,
@@ -265,11 +269,53 @@ pub enum EventError {
         len: usize,
         /// The limit in bytes.
         limit: usize,
+        /// What the limit is, for the message.
+        name: &'static str,
     },
 }
 
-/// Longest build_id / invocation_id / project_id accepted (Bazel sends UUIDs).
+/// Longest build id and invocation id accepted, when publishing and in
+/// queries (Bazel sends UUIDs: 36 bytes).
 pub const MAX_ID_BYTES: usize = 1024;
+/// What [`MAX_ID_BYTES`] is called in messages.
+const ID_LIMIT_NAME: &str = "the limit for build and invocation ids";
+/// Longest instance (`project_id`, `instance_name`) the Build Event Service
+/// accepts: the largest `limits.max-instance-name-bytes` can be. The Gate
+/// refuses an instance over the configured limit before the service sees it;
+/// this bound holds where no Gate is in front.
+pub const MAX_INSTANCE_BYTES: usize = 65_536;
+
+/// Checks a build id or invocation id from a client against [`MAX_ID_BYTES`].
+pub fn check_id(field: &'static str, value: &str) -> Result<(), EventError> {
+    check_len(field, value, MAX_ID_BYTES, ID_LIMIT_NAME)
+}
+
+/// Checks an instance name from a client against [`MAX_INSTANCE_BYTES`].
+pub fn check_instance(field: &'static str, value: &str) -> Result<(), EventError> {
+    check_len(
+        field,
+        value,
+        MAX_INSTANCE_BYTES,
+        "the largest limits.max-instance-name-bytes",
+    )
+}
+
+fn check_len(
+    field: &'static str,
+    value: &str,
+    limit: usize,
+    name: &'static str,
+) -> Result<(), EventError> {
+    if value.len() > limit {
+        return Err(EventError::FieldTooLong {
+            field,
+            len: value.len(),
+            limit,
+            name,
+        });
+    }
+    Ok(())
+}
 
 /// Checks an event's stream id, sequence number, kind and size, redacts
 /// credentials in it and encodes it for storing in a stream of `instance`
@@ -286,19 +332,9 @@ pub fn prepare(
     if sid.build_id.is_empty() {
         return Err(EventError::MissingBuildId);
     }
-    for (field, v) in [
-        ("stream_id.build_id", sid.build_id.as_str()),
-        ("stream_id.invocation_id", sid.invocation_id.as_str()),
-        ("project_id", instance),
-    ] {
-        if v.len() > MAX_ID_BYTES {
-            return Err(EventError::FieldTooLong {
-                field,
-                len: v.len(),
-                limit: MAX_ID_BYTES,
-            });
-        }
-    }
+    check_id("stream_id.build_id", &sid.build_id)?;
+    check_id("stream_id.invocation_id", &sid.invocation_id)?;
+    check_instance("project_id", instance)?;
     match BuildComponent::try_from(sid.component) {
         Ok(BuildComponent::Controller | BuildComponent::Worker | BuildComponent::Tool) => {}
         _ => return Err(EventError::UnknownComponent(sid.component)),
@@ -408,6 +444,58 @@ mod tests {
         let mut e = event(3, 1);
         e.event = None;
         assert_eq!(prepare(&e, "i", 1 << 20), Err(EventError::MissingKind));
+    }
+
+    #[test]
+    fn ids_over_the_limit_are_refused_naming_the_field_and_the_limit() {
+        let mut e = event(3, 1);
+        if let Some(s) = e.stream_id.as_mut() {
+            s.build_id = "b".repeat(MAX_ID_BYTES + 1);
+        }
+        let err = prepare(&e, "i", 1 << 20).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stream_id.build_id is 1025 bytes long, over the limit of 1024 bytes \
+             (the limit for build and invocation ids)"
+        );
+        let mut e = event(3, 1);
+        if let Some(s) = e.stream_id.as_mut() {
+            s.invocation_id = "i".repeat(MAX_ID_BYTES + 1);
+        }
+        assert!(matches!(
+            prepare(&e, "i", 1 << 20),
+            Err(EventError::FieldTooLong {
+                field: "stream_id.invocation_id",
+                ..
+            })
+        ));
+        let long = "p".repeat(MAX_INSTANCE_BYTES + 1);
+        assert!(matches!(
+            prepare(&event(3, 1), &long, 1 << 20),
+            Err(EventError::FieldTooLong {
+                field: "project_id",
+                ..
+            })
+        ));
+        let mut e = event(3, 1);
+        if let Some(s) = e.stream_id.as_mut() {
+            s.build_id = "b".repeat(MAX_ID_BYTES);
+        }
+        assert!(prepare(&e, "i", 1 << 20).is_ok());
+    }
+
+    #[test]
+    fn a_stream_key_is_shown_with_its_ids_cut() {
+        let key = StreamKey {
+            build_id: "b".repeat(MAX_ID_BYTES),
+            invocation_id: "i".repeat(MAX_ID_BYTES),
+            component: 3,
+            instance: String::new(),
+        };
+        let shown = key.to_string();
+        assert!(shown.len() < 700, "{shown}");
+        assert!(shown.contains("(1024 bytes)"), "{shown}");
+        assert!(!shown.contains(&"b".repeat(300)), "{shown}");
     }
 
     #[test]

@@ -60,6 +60,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::event::{prepare, EventError, EventKind, Prepared, StreamKey};
 use super::invocation::Publisher;
 use super::store::{EventStore, Outcome, Published, Rejection, StoreError};
+use crate::gate::audit::bounded;
 use crate::proto::google::devtools::build::v1::{
     publish_build_event_server::PublishBuildEvent, stream_id::BuildComponent,
     PublishBuildToolEventStreamRequest, PublishBuildToolEventStreamResponse,
@@ -438,7 +439,11 @@ impl ToolStream {
                 failure = Some(status);
             }
             if let Some(status) = failure {
-                tracing::debug!(code = ?status.code(), "build event stream failed: {}", status.message());
+                tracing::debug!(
+                    code = ?status.code(),
+                    "build event stream failed: {}",
+                    bounded(status.message())
+                );
                 let _ = self.acks.send(Err(status)).await;
                 return;
             }
@@ -452,7 +457,9 @@ impl ToolStream {
     fn client_error(&self, status: &Status) {
         tracing::debug!(
             stream = ?self.first.as_ref().map(|k| k.to_string()),
-            "build event stream ended by the client: {status}"
+            code = ?status.code(),
+            "build event stream ended by the client: {}",
+            bounded(status.message())
         );
     }
 
@@ -518,7 +525,11 @@ impl ToolStream {
         let published = match publish_measured(&*self.store, prepared, "build_tool").await {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(stream = %stream, "storing build events failed: {e}");
+                tracing::warn!(
+                    stream = %stream,
+                    "storing build events failed: {}",
+                    bounded(&e.to_string())
+                );
                 return Some(store_status(&e));
             }
         };

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::event::{kind_names, EventKind};
+use super::event::{check_instance, kind_names, EventKind};
 use super::publish::store_status;
 use super::store::{EventFilter, EventStore, StoredEvent, StreamInfo};
 use crate::gate::Admission;
@@ -78,6 +78,8 @@ async fn visible_streams(
     instance: &str,
 ) -> Result<Vec<StreamInfo>, Status> {
     let re = compile_pattern(pattern)?;
+    check_instance("instance_name", instance)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let instance = (!instance.is_empty()).then_some(instance);
     if let Some(i) = instance {
         if !admission.may(i, QUERY_RPC) {
@@ -101,7 +103,12 @@ fn decode(stream: &StreamInfo, e: &StoredEvent) -> Option<OrderedBuildEvent> {
     match OrderedBuildEvent::decode(e.body.clone()) {
         Ok(ev) => Some(ev),
         Err(err) => {
-            tracing::error!(stream = %stream.key, seq = e.seq, "stored build event does not decode: {err}");
+            tracing::error!(
+                stream = %stream.key,
+                seq = e.seq,
+                "stored build event does not decode: {}",
+                crate::gate::audit::bounded(&err.to_string())
+            );
             None
         }
     }

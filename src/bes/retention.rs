@@ -56,7 +56,10 @@ pub async fn sweep(store: &dyn EventStore, limits: &BuildEventsLimits) -> Swept 
                 }
             }
             Err(e) => {
-                tracing::warn!("build events retention: {e} (trying again at the next sweep)");
+                tracing::warn!(
+                    "build events retention: {} (trying again at the next sweep)",
+                    crate::gate::audit::bounded(&e.to_string())
+                );
                 break;
             }
         }

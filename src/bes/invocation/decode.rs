@@ -5,10 +5,14 @@
 //! fact carries can hold a credential the stored event does not. The path to
 //! the `bazel_event` payload is read with a slim message ([`Envelope`]) whose
 //! `bytes` field borrows from the stored buffer, and the payload is decoded
-//! once as `build_event_stream.BuildEvent`. Unknown fields are skipped, so
-//! Bazel 2.1, 4.2 and newer streams all decode. An event that does not decode
-//! is [`Fact::Undecodable`]: counted on its invocation, never a publish
-//! failure (the raw event is stored either way).
+//! once, as a `build_event_stream.BuildEvent` that holds only what the model
+//! reads ([`SlimEvent`]): the payloads no fact is made of (the structured
+//! command line, options, configurations, sets of files: most of a stream's
+//! bytes) are skipped unread, which is what keeps decoding cheap at ingest.
+//! Unknown fields are skipped, so Bazel 2.1, 4.2 and newer streams all
+//! decode. An event that does not decode is [`Fact::Undecodable`]: counted on
+//! its invocation, never a publish failure (the raw event is stored either
+//! way); a payload that is skipped is not checked beyond its length.
 
 use bytes::Bytes;
 use prost::Message;
@@ -184,6 +188,104 @@ struct EnvelopeAny {
     value: Bytes,
 }
 
+/// The part of a `build_event_stream.BuildEvent` the model reads: its id,
+/// its children (left encoded until a failed TargetComplete needs them) and
+/// the payloads a [`Fact`] is made of, with the field numbers of
+/// `build_event_stream.proto`. Every other payload (the structured command
+/// line, options, configurations, sets of files: most of a stream's bytes)
+/// is skipped unread as an unknown field.
+#[derive(Clone, PartialEq, Message)]
+struct SlimEvent {
+    #[prost(message, optional, tag = "1")]
+    id: Option<bep::BuildEventId>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    children: Vec<Bytes>,
+    #[prost(
+        oneof = "SlimPayload",
+        tags = "3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 24, 26"
+    )]
+    payload: Option<SlimPayload>,
+}
+
+/// The payloads of [`SlimEvent`] (`BuildEvent.payload`, same field numbers).
+#[derive(Clone, PartialEq, prost::Oneof)]
+enum SlimPayload {
+    #[prost(message, tag = "3")]
+    Progress(bep::Progress),
+    #[prost(message, tag = "4")]
+    Aborted(bep::Aborted),
+    #[prost(message, tag = "5")]
+    Started(bep::BuildStarted),
+    #[prost(message, tag = "6")]
+    Expanded(Skipped),
+    #[prost(message, tag = "7")]
+    Action(bep::ActionExecuted),
+    #[prost(message, tag = "8")]
+    Completed(SlimTargetComplete),
+    #[prost(message, tag = "9")]
+    TestSummary(SlimTestSummary),
+    #[prost(message, tag = "10")]
+    TestResult(bep::TestResult),
+    #[prost(message, tag = "12")]
+    UnstructuredCommandLine(bep::UnstructuredCommandLine),
+    #[prost(message, tag = "14")]
+    Finished(bep::BuildFinished),
+    #[prost(message, tag = "16")]
+    WorkspaceStatus(bep::WorkspaceStatus),
+    #[prost(message, tag = "18")]
+    Configured(SlimTargetConfigured),
+    #[prost(message, tag = "24")]
+    BuildMetrics(bep::BuildMetrics),
+    #[prost(message, tag = "26")]
+    BuildMetadata(bep::BuildMetadata),
+}
+
+/// A payload whose presence is all the model reads (its fields are skipped).
+#[derive(Clone, PartialEq, Message)]
+struct Skipped {}
+
+/// `TargetComplete` without its output groups and files.
+#[derive(Clone, PartialEq, Message)]
+struct SlimTargetComplete {
+    #[prost(bool, tag = "1")]
+    success: bool,
+    #[prost(message, optional, tag = "9")]
+    failure_detail: Option<SlimFailureDetail>,
+}
+
+/// `failure_details.FailureDetail`: its message only.
+#[derive(Clone, PartialEq, Message)]
+struct SlimFailureDetail {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+/// `TargetConfigured` without its tags.
+#[derive(Clone, PartialEq, Message)]
+struct SlimTargetConfigured {
+    #[prost(string, tag = "1")]
+    target_kind: String,
+    #[prost(enumeration = "bep::TestSize", tag = "2")]
+    test_size: i32,
+}
+
+/// `TestSummary` without its lists of passed and failed files.
+#[derive(Clone, PartialEq, Message)]
+struct SlimTestSummary {
+    #[prost(enumeration = "bep::TestStatus", tag = "5")]
+    overall_status: i32,
+    #[prost(int32, tag = "1")]
+    total_run_count: i32,
+    #[prost(int32, tag = "10")]
+    run_count: i32,
+    #[prost(int32, tag = "11")]
+    shard_count: i32,
+    #[prost(int32, tag = "6")]
+    total_num_cached: i32,
+    #[prost(int64, tag = "9")]
+    total_run_duration_millis: i64,
+}
+
 /// The fact of a stored event (`body` is the encoded, redacted
 /// `OrderedBuildEvent`).
 pub fn decode(kind: EventKind, body: &Bytes) -> Fact {
@@ -198,7 +300,7 @@ pub fn decode(kind: EventKind, body: &Bytes) -> Fact {
                 }) => any.value,
                 _ => return Fact::Undecodable,
             };
-            match bep::BuildEvent::decode(payload) {
+            match SlimEvent::decode(payload) {
                 Ok(e) => bep_fact(e),
                 Err(_) => Fact::Undecodable,
             }
@@ -264,9 +366,9 @@ fn id_label(id: Option<&bep::BuildEventId>) -> Option<String> {
     }))
 }
 
-fn bep_fact(e: bep::BuildEvent) -> Fact {
-    use bep::build_event::Payload as P;
+fn bep_fact(e: SlimEvent) -> Fact {
     use bep::build_event_id::Id;
+    use SlimPayload as P;
     let Some(payload) = e.payload else {
         return Fact::Nothing;
     };
@@ -330,11 +432,12 @@ fn bep_fact(e: bep::BuildEvent) -> Fact {
                 clip_all(
                     e.children
                         .iter()
-                        .filter_map(|child| match child.id.as_ref()? {
-                            Id::ActionCompleted(a) if !a.label.is_empty() => Some(a.label.clone()),
-                            Id::ActionCompleted(a) => Some(a.primary_output.clone()),
-                            Id::ConfiguredLabel(l) => Some(l.label.clone()),
-                            Id::UnconfiguredLabel(l) => Some(l.label.clone()),
+                        .filter_map(|child| bep::BuildEventId::decode(child.clone()).ok()?.id)
+                        .filter_map(|child| match child {
+                            Id::ActionCompleted(a) if !a.label.is_empty() => Some(a.label),
+                            Id::ActionCompleted(a) => Some(a.primary_output),
+                            Id::ConfiguredLabel(l) => Some(l.label),
+                            Id::UnconfiguredLabel(l) => Some(l.label),
                             _ => None,
                         })
                         .collect(),
@@ -457,6 +560,5 @@ fn bep_fact(e: bep::BuildEvent) -> Fact {
                 cpu_time_millis: m.timing_metrics.map_or(0, |t| t.cpu_time_in_ms),
             })
         }
-        _ => Fact::Nothing,
     }
 }

@@ -21,6 +21,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::InvocationKey;
+use crate::bes::event::{check_id, check_instance, EventError};
 use crate::bes::publish::store_status;
 use crate::bes::query::QUERY_RPC;
 use crate::bes::store::{Cursor, EventStore, InvocationQuery};
@@ -125,13 +126,24 @@ fn page_size(n: i32, default: usize, max: usize, field: &str) -> Result<usize, S
     }
 }
 
+/// An id or instance from a request, within its limit
+/// ([`check_id`], [`check_instance`]).
+fn bounded_id(
+    check: fn(&'static str, &str) -> Result<(), EventError>,
+    s: &str,
+    field: &'static str,
+) -> Result<Option<String>, Status> {
+    check(field, s).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((!s.is_empty()).then(|| s.to_string()))
+}
+
 /// The invocation named by a Get request, checked against the caller.
 fn named(admission: &Admission, instance: &str, id: &str) -> Result<InvocationKey, Status> {
     if id.is_empty() {
         return Err(Status::invalid_argument("invocation_id is empty"));
     }
-    filter(id, "invocation_id")?;
-    filter(instance, "instance_name")?;
+    bounded_id(check_id, id, "invocation_id")?;
+    bounded_id(check_instance, instance, "instance_name")?;
     may(admission, instance)?;
     Ok(InvocationKey {
         instance: instance.to_string(),
@@ -164,8 +176,8 @@ fn query(req: &gg::ListInvocationsRequest) -> Result<InvocationQuery, Status> {
     };
     let token: Option<ListToken> = decode_token(&req.page_token)?;
     Ok(InvocationQuery {
-        instance: filter(&req.instance_name, "instance_name")?,
-        build_id: filter(&req.build_id, "build_id")?,
+        instance: bounded_id(check_instance, &req.instance_name, "instance_name")?,
+        build_id: bounded_id(check_id, &req.build_id, "build_id")?,
         user: filter(&req.user, "user")?,
         state,
         command: filter(&req.command, "command")?,

@@ -563,7 +563,10 @@ fn writer(db: &Database, jobs: &mpsc::Receiver<Job>, counters: &Counters) {
                 }
             }
             Err(e) => {
-                tracing::error!("build events: file store commit failed: {e}");
+                tracing::error!(
+                    "build events: file store commit failed: {}",
+                    crate::gate::audit::bounded(&e.to_string())
+                );
                 for job in group {
                     let _ = job.reply.send(Err(e.clone()));
                 }

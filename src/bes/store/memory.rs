@@ -26,6 +26,8 @@ use crate::proto::gridgate::v1 as gg;
 /// bookkeeping around them.
 const STREAM_OVERHEAD: u64 = 256;
 const EVENT_OVERHEAD: u64 = 64;
+/// Streams retention deletes per hold of the store's lock.
+const SWEEP_STEP: usize = 10;
 
 /// The in-memory store.
 pub struct MemoryStore {
@@ -155,46 +157,64 @@ impl Inner {
         let Some(key) = InvocationKey::of(stream) else {
             return;
         };
-        let inv = self.invocations.get(&key);
-        let touched = model::labels(stored.iter().copied())
-            .into_iter()
-            .filter_map(|l| Some((l.clone(), inv?.targets.get(&l)?.clone())))
-            .collect();
-        let summary = inv.map(|i| i.summary.clone());
+        // The summary and the touched targets are moved out and back in
+        // (under the store's lock, so no reader sees them missing), not
+        // cloned: a batch costs what it changes, not the invocation's size.
+        let (summary, touched) = match self.invocations.get_mut(&key) {
+            Some(inv) => {
+                let touched = model::labels(stored.iter().copied())
+                    .into_iter()
+                    .filter_map(|l| {
+                        let t = inv.targets.remove(&l)?;
+                        Some((l, t))
+                    })
+                    .collect();
+                (Some(std::mem::take(&mut inv.summary)), touched)
+            }
+            None => (None, HashMap::new()),
+        };
+        let had = summary.as_ref().map(Cursor::of);
         let Some(update) = model::apply(stream, summary, touched, stored.iter().copied()) else {
             return;
         };
         let inv = self.invocations.entry(key).or_default();
         inv.updated_ms = now_millis();
-        self.listing.remove(&Cursor::of(&inv.summary));
+        let now = Cursor::of(&update.invocation);
+        if had.as_ref() != Some(&now) {
+            if let Some(had) = &had {
+                self.listing.remove(had);
+            }
+            self.listing.insert(now);
+        }
         inv.summary = update.invocation;
-        self.listing.insert(Cursor::of(&inv.summary));
         for t in update.targets {
             inv.targets.insert(t.label.clone(), t);
         }
         inv.log.extend(update.log);
     }
 
-    /// Forgets the invocation a stream fed (its stream is gone).
-    fn drop_invocation(&mut self, stream: &StreamKey) {
-        if let Some(inv) = InvocationKey::of(stream).and_then(|k| self.invocations.remove(&k)) {
-            self.listing.remove(&Cursor::of(&inv.summary));
-        }
+    /// Forgets the invocation a stream fed (its stream is gone); returns it.
+    fn drop_invocation(&mut self, stream: &StreamKey) -> Option<Invocation> {
+        let inv = InvocationKey::of(stream).and_then(|k| self.invocations.remove(&k))?;
+        self.listing.remove(&Cursor::of(&inv.summary));
+        Some(inv)
     }
 
-    /// Removes a stream (and the invocation it fed), freeing its bytes.
-    fn remove_stream(&mut self, key: &StreamKey) -> Option<Stream> {
+    /// Removes a stream and the invocation it fed, taking their bytes off
+    /// the budget; returns them (for the caller to free).
+    fn remove_stream(&mut self, key: &StreamKey) -> Option<(Stream, Option<Invocation>)> {
         let s = self.streams.remove(key)?;
-        self.drop_invocation(key);
+        let inv = self.drop_invocation(key);
         self.finished.remove(&s.tick);
         self.active.remove(&s.tick);
         self.bytes -= s.bytes;
-        Some(s)
+        Some((s, inv))
     }
 
     /// Deletes up to `batch` streams last written before `before`, oldest
-    /// first (ticks follow write order, so each queue is oldest first).
-    fn expire(&mut self, before: i64, batch: usize) -> u64 {
+    /// first (ticks follow write order, so each queue is oldest first);
+    /// returns what it removed, to be freed once the lock is released.
+    fn expire(&mut self, before: i64, batch: usize) -> Vec<(Stream, Option<Invocation>)> {
         let mut victims = Vec::new();
         for queue in [&self.finished, &self.active] {
             for k in queue.values() {
@@ -210,8 +230,8 @@ impl Inner {
         victims.truncate(batch);
         victims
             .iter()
-            .filter(|k| self.remove_stream(k).is_some())
-            .count() as u64
+            .filter_map(|k| self.remove_stream(k))
+            .collect()
     }
 
     /// Marks running invocations silent since before `before` abandoned.
@@ -238,11 +258,11 @@ impl Inner {
                 .find(|(_, k)| *k != writing)
                 .map(|(_, k)| k.clone());
             let Some(victim) = victim else { return false };
-            if let Some(s) = self.remove_stream(&victim) {
+            if let Some((s, _)) = self.remove_stream(&victim) {
                 self.stats.evicted_streams += 1;
                 tracing::info!(
                     stream = %victim,
-                    instance = %s.info.key.instance,
+                    instance = %crate::gate::audit::bounded(&s.info.key.instance),
                     events = s.events.len(),
                     bytes = s.bytes,
                     finished = s.info.finished,
@@ -382,12 +402,24 @@ impl EventStore for MemoryStore {
         abandon_before: Option<i64>,
         batch: usize,
     ) -> BoxFuture<'a, Result<Swept, StoreError>> {
-        let mut inner = self.lock();
-        let out = Swept {
-            deleted_streams: expire_before.map_or(0, |t| inner.expire(t, batch)),
-            abandoned: abandon_before.map_or(0, |t| inner.abandon(t, batch)),
-        };
-        drop(inner);
+        let mut out = Swept::default();
+        if let Some(before) = expire_before {
+            // A few streams per hold of the lock, freed after it is
+            // released: ingest waits for one short step, never for a batch.
+            while (out.deleted_streams as usize) < batch {
+                let want = (batch - out.deleted_streams as usize).min(SWEEP_STEP);
+                let removed = self.lock().expire(before, want);
+                out.deleted_streams += removed.len() as u64;
+                let done = removed.len() < want;
+                drop(removed);
+                if done {
+                    break;
+                }
+            }
+        }
+        if let Some(before) = abandon_before {
+            out.abandoned = self.lock().abandon(before, batch);
+        }
         async move { Ok(out) }.boxed()
     }
 

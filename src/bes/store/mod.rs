@@ -393,7 +393,10 @@ pub async fn open(config: &BuildEventsConfig) -> Result<Arc<dyn EventStore>, Sto
                 match backfill.backfill().await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(streams = n, "build events: invocations built for streams stored before indexing"),
-                    Err(e) => tracing::warn!("build events: building invocations of older streams failed (a publish to one builds it): {e}"),
+                    Err(e) => tracing::warn!(
+                        "build events: building invocations of older streams failed (a publish to one builds it): {}",
+                        crate::gate::audit::bounded(&e.to_string())
+                    ),
                 }
             });
             store

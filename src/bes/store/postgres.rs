@@ -19,7 +19,7 @@
 //!   without TLS (`NoTls`): use a local or otherwise protected network.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -130,6 +130,12 @@ const MIGRATION_LOCK: i64 = 0x6772_6964_6761_7465;
 pub struct PostgresStore {
     pool: Pool,
     stored: AtomicU64,
+    /// Where the next retention batch starts looking (`updated_ms`): the
+    /// newest age the last batch deleted. The rows it deleted stay in the
+    /// index as dead entries until vacuum, and a scan from the oldest end
+    /// would step over all of them for every batch. A hint only: a sweep
+    /// that comes up short starts again from the oldest end.
+    sweep_from: AtomicI64,
     duplicates: AtomicU64,
 }
 
@@ -168,6 +174,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool,
             stored: AtomicU64::new(0),
+            sweep_from: AtomicI64::new(i64::MIN),
             duplicates: AtomicU64::new(0),
         };
         store.migrate().await?;
@@ -565,7 +572,11 @@ async fn update_invocation(
                 .map_err(|e| StoreError::Internal(format!("corrupt invocation record: {e}")))?,
         )
     };
-    let labels = model::labels(stored.iter().copied());
+    // A new invocation has no stored targets to read.
+    let labels = match summary {
+        Some(_) => model::labels(stored.iter().copied()),
+        None => Vec::new(),
+    };
     let mut touched = std::collections::HashMap::new();
     if !labels.is_empty() {
         let read = tx
@@ -599,61 +610,65 @@ async fn update_invocation(
         )
         .await
         .map_err(e)?;
-    tx.execute(
-        &write,
-        &[
-            &key.instance,
-            &key.invocation_id,
-            &inv.build_id,
-            &inv.start_time_millis,
-            &(inv.state as i16),
-            &inv.user,
-            &inv.command,
-            &inv.patterns,
-            &metadata,
-            &inv.last_event_millis,
-            &inv.encode_to_vec(),
-            &super::now_millis(),
-        ],
-    )
-    .await
-    .map_err(e)?;
-    if !update.targets.is_empty() {
-        let labels: Vec<&str> = update.targets.iter().map(|t| t.label.as_str()).collect();
-        let bodies: Vec<Vec<u8>> = update.targets.iter().map(Message::encode_to_vec).collect();
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO bes_targets (instance, invocation_id, label, body)
-                 SELECT $1, $2, * FROM UNNEST($3::TEXT[], $4::BYTEA[])
-                 ON CONFLICT (instance, invocation_id, label) DO UPDATE SET body = EXCLUDED.body",
-            )
-            .await
-            .map_err(e)?;
+    let upsert = tx
+        .prepare_cached(
+            "INSERT INTO bes_targets (instance, invocation_id, label, body)
+             SELECT $1, $2, * FROM UNNEST($3::TEXT[], $4::BYTEA[])
+             ON CONFLICT (instance, invocation_id, label) DO UPDATE SET body = EXCLUDED.body",
+        )
+        .await
+        .map_err(e)?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO bes_logs (instance, invocation_id, byte_offset, data)
+             SELECT $1, $2, * FROM UNNEST($3::BIGINT[], $4::BYTEA[])
+             ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(e)?;
+    let (state, body, now) = (inv.state as i16, inv.encode_to_vec(), super::now_millis());
+    let labels: Vec<&str> = update.targets.iter().map(|t| t.label.as_str()).collect();
+    let bodies: Vec<Vec<u8>> = update.targets.iter().map(Message::encode_to_vec).collect();
+    let offsets: Vec<i64> = update.log.iter().map(|(o, _)| *o).collect();
+    let texts: Vec<&[u8]> = update.log.iter().map(|(_, t)| t.as_ref()).collect();
+    // The three writes are independent: sent together, they share one
+    // round trip (tokio-postgres pipelines the statements of one connection).
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        &key.instance,
+        &key.invocation_id,
+        &inv.build_id,
+        &inv.start_time_millis,
+        &state,
+        &inv.user,
+        &inv.command,
+        &inv.patterns,
+        &metadata,
+        &inv.last_event_millis,
+        &body,
+        &now,
+    ];
+    let summary = tx.execute(&write, &params);
+    let targets = async {
+        if labels.is_empty() {
+            return Ok(0);
+        }
         tx.execute(
             &upsert,
             &[&key.instance, &key.invocation_id, &labels, &bodies],
         )
         .await
-        .map_err(e)?;
-    }
-    if !update.log.is_empty() {
-        let offsets: Vec<i64> = update.log.iter().map(|(o, _)| *o).collect();
-        let texts: Vec<&[u8]> = update.log.iter().map(|(_, t)| t.as_ref()).collect();
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO bes_logs (instance, invocation_id, byte_offset, data)
-                 SELECT $1, $2, * FROM UNNEST($3::BIGINT[], $4::BYTEA[])
-                 ON CONFLICT DO NOTHING",
-            )
-            .await
-            .map_err(e)?;
+    };
+    let log = async {
+        if offsets.is_empty() {
+            return Ok(0);
+        }
         tx.execute(
             &insert,
             &[&key.instance, &key.invocation_id, &offsets, &texts],
         )
         .await
-        .map_err(e)?;
-    }
+    };
+    futures_util::try_join!(summary, targets, log).map_err(e)?;
     Ok(())
 }
 
@@ -782,18 +797,27 @@ impl PostgresStore {
         if let Some(before) = expire_before {
             let mut client = self.pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(e)?;
+            let from = self.sweep_from.load(Ordering::Relaxed);
             let gone = tx
                 .query(
                     "WITH victims AS (
-                         SELECT id FROM bes_streams WHERE updated_ms < $1
+                         SELECT id FROM bes_streams WHERE updated_ms >= $3 AND updated_ms < $1
                          ORDER BY updated_ms LIMIT $2 FOR UPDATE SKIP LOCKED)
                      DELETE FROM bes_streams s USING victims v WHERE s.id = v.id
-                     RETURNING s.instance, s.invocation_id",
-                    &[&before, &limit],
+                     RETURNING s.instance, s.invocation_id, s.updated_ms",
+                    &[&before, &limit, &from],
                 )
                 .await
                 .map_err(e)?;
             out.deleted_streams = gone.len() as u64;
+            let next = if gone.len() < batch {
+                i64::MIN
+            } else {
+                gone.iter()
+                    .map(|r| r.get::<_, i64>(2))
+                    .max()
+                    .unwrap_or(i64::MIN)
+            };
             let (insts, ids): (Vec<String>, Vec<String>) = gone
                 .iter()
                 .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
@@ -813,6 +837,7 @@ impl PostgresStore {
                 }
             }
             tx.commit().await.map_err(e)?;
+            self.sweep_from.store(next, Ordering::Relaxed);
         }
         if let Some(before) = abandon_before {
             let mut client = self.pool.get().await.map_err(pool_error)?;
@@ -965,15 +990,39 @@ impl PostgresStore {
     ) -> Result<Vec<gg::Target>, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(
-                "SELECT body FROM bes_targets
-                 WHERE instance = $1 AND invocation_id = $2 AND ($3::TEXT IS NULL OR label > $3)
-                 ORDER BY label LIMIT $4",
-                &[&key.instance, &key.invocation_id, &after, &limit],
-            )
-            .await
-            .map_err(|e| pg_error("reading targets", e))?;
+        let e = |e| pg_error("reading targets", e);
+        // Two statements, not one with `$3 IS NULL OR label > $3`: a generic
+        // plan of that reads every label before the page's first and filters
+        // them out, so each page cost more than the one before.
+        let rows = match after {
+            None => {
+                let first = client
+                    .prepare_cached(
+                        "SELECT body FROM bes_targets WHERE instance = $1 AND invocation_id = $2
+                         ORDER BY label LIMIT $3",
+                    )
+                    .await
+                    .map_err(e)?;
+                client
+                    .query(&first, &[&key.instance, &key.invocation_id, &limit])
+                    .await
+                    .map_err(e)?
+            }
+            Some(after) => {
+                let next = client
+                    .prepare_cached(
+                        "SELECT body FROM bes_targets
+                         WHERE instance = $1 AND invocation_id = $2 AND label > $3
+                         ORDER BY label LIMIT $4",
+                    )
+                    .await
+                    .map_err(e)?;
+                client
+                    .query(&next, &[&key.instance, &key.invocation_id, &after, &limit])
+                    .await
+                    .map_err(e)?
+            }
+        };
         rows.iter()
             .map(|r| {
                 gg::Target::decode(r.get::<_, &[u8]>(0))
