@@ -38,3 +38,4 @@ pub mod metrics;
 pub mod proto;
 pub mod reapi;
 pub mod server;
+pub mod web;
