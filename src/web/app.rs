@@ -804,9 +804,9 @@ impl App {
                 if tx.send(Bytes::from_static(msg)).await.is_err() || done {
                     break;
                 }
-                // Coalesce a burst of events into one update.
+                // A burst of events makes one update: what arrives in this
+                // second wakes the next `changed` at once.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                rx.borrow_and_update();
             }
         });
         let mut r = Response::new(stream);

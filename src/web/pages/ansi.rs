@@ -97,8 +97,7 @@ pub fn render(text: &str) -> Markup {
         if let Some(seq) = after.strip_prefix('[') {
             let end = seq
                 .char_indices()
-                .find(|(_, c)| ('@'..='~').contains(c))
-                .map(|(i, c)| (i, c));
+                .find(|(_, c)| ('@'..='~').contains(c));
             match end {
                 Some((i, 'm')) => {
                     if open {

@@ -128,10 +128,16 @@ fn snippet(snippets: &Snippets, uri: &str) -> Markup {
     }
 }
 
+fn sorted(m: &HashMap<String, String>) -> Vec<(&String, &String)> {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort();
+    v
+}
+
 fn header(inv: &gg::Invocation) -> Markup {
     let (state_name, class) = state(inv.state());
     let title = format!("bazel {} {}", inv.command, inv.patterns.join(" "));
-    let counts = inv.counts.clone().unwrap_or_default();
+    let counts = inv.counts.unwrap_or_default();
     html! {
         section.header {
             h1 {
@@ -155,9 +161,7 @@ fn header(inv: &gg::Invocation) -> Markup {
                 @if !inv.publisher.is_empty() {
                     dt { "Published by" } dd { (inv.publisher) }
                 }
-                @let mut metadata: Vec<_> = inv.build_metadata.iter().collect();
-                @let _ = metadata.sort();
-                @for (k, v) in metadata {
+                @for (k, v) in sorted(&inv.build_metadata) {
                     dt { (k) } dd { (maybe_link(v)) }
                 }
             }

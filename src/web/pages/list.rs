@@ -103,7 +103,7 @@ pub fn render(f: &Filters, rows: &[gg::Invocation], next_page_token: &str) -> Ma
                 tbody {
                     @for inv in rows {
                         @let (name, class) = state(inv.state());
-                        @let c = inv.counts.clone().unwrap_or_default();
+                        @let c = inv.counts.unwrap_or_default();
                         tr {
                             td { span class={"badge " (class)} { (name) } }
                             td {
