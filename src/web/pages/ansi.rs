@@ -95,9 +95,7 @@ pub fn render(text: &str) -> Markup {
         let Some(after) = after else { break };
         // ESC [ params final-byte; anything else: drop ESC and the next char.
         if let Some(seq) = after.strip_prefix('[') {
-            let end = seq
-                .char_indices()
-                .find(|(_, c)| ('@'..='~').contains(c));
+            let end = seq.char_indices().find(|(_, c)| ('@'..='~').contains(c));
             match end {
                 Some((i, 'm')) => {
                     if open {
