@@ -220,3 +220,82 @@ impl Validator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{ClientCertificates, Config};
+
+    fn parse(dir: &std::path::Path, web: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(
+            &format!("server:\n  - !channel\n    address: \"127.0.0.1:0\"\n    insecure-mode: true\nauthorization:\n  method: none\n{web}"),
+            "test.yaml",
+            dir,
+        )
+    }
+
+    #[test]
+    fn the_default_config_serves_pages_on_loopback() {
+        let c = Config::embedded_default().unwrap();
+        let w = c.web.as_ref().expect("web");
+        assert!(w.listen.is_local() && w.tls.is_none());
+        assert_eq!(w.public_url.as_deref(), Some("http://127.0.0.1:8080"));
+        assert!(c
+            .summary()
+            .contains("--bes_results_url=http://127.0.0.1:8080/invocation/"));
+    }
+
+    #[test]
+    fn bad_web_settings_name_their_key() {
+        let d = tempfile::tempdir().unwrap();
+        let cases = [
+            ("web:\n  address: \"0.0.0.0:0\"\n  insecure-mode: true\n", "web.address", "authorization is `none`"),
+            ("web:\n  insecure-mode: true\n", "web.address", "missing"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  public-url: \"gate.example\"\n", "web.public-url", "not an http"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  client-certificates: optional\n", "web.client-certificates", "tls-client-certs"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  session-key-file: nope.key\n", "web.session-key-file", "nope.key"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  oidc: { issuer: \"https://login.example\", client-id: gg }\n", "web.public-url", "redirect URI"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  public-url: \"https://gate.example\"\n  oidc: { issuer: \"https://login.example\", client-id: gg }\n", "web.session-key-file", "missing"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  oidc: { issuer: \"login.example\", client-id: gg }\n", "web.oidc.issuer", "http"),
+            ("web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  colour: blue\n", "web.colour", "unknown field"),
+        ];
+        for (yaml, key, reason) in cases {
+            let e = parse(d.path(), yaml).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+            assert!(e.reason.contains(reason), "{yaml}: {e}");
+        }
+        std::fs::write(d.path().join("short.key"), "too short").unwrap();
+        let e = parse(d.path(), "web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: true\n  session-key-file: short.key\n").unwrap_err();
+        assert_eq!(e.key, "web.session-key-file");
+        assert!(e.reason.contains("at least 32"), "{e}");
+    }
+
+    #[test]
+    fn a_full_web_section_loads() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["k", "c", "ca"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        std::fs::write(
+            d.path().join("session.key"),
+            "0123456789abcdef0123456789abcdef",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("secret"), "s3cret\n").unwrap();
+        let c = parse(
+            d.path(),
+            "web:\n  address: \"127.0.0.1:0\"\n  insecure-mode: false\n  credentials: { tls-server-key: k, tls-server-cert: c, tls-client-certs: ca }\n  client-certificates: optional\n  public-url: \"https://gate.example/\"\n  session-key-file: session.key\n  oidc:\n    issuer: \"https://login.example/\"\n    client-id: gridgate\n    client-secret-file: secret\n    scopes: [email]\n",
+        )
+        .unwrap();
+        let w = c.web.unwrap();
+        assert_eq!(w.client_certificates, ClientCertificates::Optional);
+        assert_eq!(w.public_url.as_deref(), Some("https://gate.example"));
+        let o = w.oidc.unwrap();
+        assert_eq!(o.issuer, "https://login.example");
+        assert_eq!(o.scopes, vec!["openid", "email"]);
+        assert_eq!(o.client_secret.unwrap().0, "s3cret");
+        assert!(
+            !format!("{:?}", w.session_key).contains("0123"),
+            "secrets are not printed"
+        );
+    }
+}

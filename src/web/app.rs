@@ -269,7 +269,7 @@ impl App {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let result = match (post, segments.as_slice()) {
             (false, [""]) | (false, ["invocations"]) => self.list_page(&viewer, &q).await,
-            (false, ["invocations", "live"]) => Ok(self.listing_events()),
+            (false, ["invocations", "live"]) => self.listing_events(&viewer),
             (false, ["invocation", id]) => self.invocation_page(&viewer, id, &q).await,
             (false, ["invocation", id, "live"]) => self.invocation_events(&viewer, id, &q).await,
             (false, ["invocation", id, "log"]) => self.whole_log(&viewer, id, &q).await,
@@ -536,6 +536,7 @@ impl App {
                 .get("target_page")
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0),
+            tests_page: q.get("test_page").and_then(|p| p.parse().ok()).unwrap_or(0),
         };
         let view = pages::invocation::View {
             inv: &inv,
@@ -847,12 +848,17 @@ impl App {
         Ok(self.events(rx, version))
     }
 
-    fn listing_events(&self) -> Response<Body> {
-        // Says only "something changed": the page fetched again is authorized.
-        self.events(
+    /// The list's stream says only "something changed" (no id, no
+    /// instance: the page fetched again is what is authorized), and only to
+    /// a viewer who may see some instance.
+    fn listing_events(&self, viewer: &Viewer) -> Result<Response<Body>, Refusal> {
+        if viewer.is_anonymous() && !self.anonymous_sees_anything(viewer) {
+            return Err(Refusal::NotVisible);
+        }
+        Ok(self.events(
             self.changes.watch_listing(),
             Arc::new(|| Box::pin(async { (0, false) })),
-        )
+        ))
     }
 
     // ---- sign-in ----

@@ -26,8 +26,10 @@ pub struct TargetFilter {
     pub text: String,
     /// `all`, `failed`, `succeeded`, `tests`.
     pub status: String,
-    /// Page, from 0.
+    /// Page of the targets table, from 0.
     pub page: usize,
+    /// Page of the tests table, from 0.
+    pub tests_page: usize,
 }
 
 impl TargetFilter {
@@ -221,15 +223,28 @@ fn problem_tests(v: &View<'_>) -> Markup {
 }
 
 fn all_tests(v: &View<'_>) -> Markup {
-    let tests: Vec<&gg::Target> = v.targets.iter().filter(|t| t.test.is_some()).collect();
+    let mut tests: Vec<&gg::Target> = v.targets.iter().filter(|t| t.test.is_some()).collect();
+    tests.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.label.cmp(&b.label)));
+    let total = tests.len();
+    let pages = total.div_ceil(TARGETS_PER_PAGE).max(1);
+    let page = v.filter.tests_page.min(pages - 1);
+    let f = v.filter;
+    let link = |p: usize| {
+        format!(
+            "?target={}&status={}&target_page={}&test_page={p}#tests",
+            q(&f.text),
+            q(&f.status),
+            f.page
+        )
+    };
     html! {
-        @if !tests.is_empty() {
+        @if total > 0 {
             section #tests {
-                h2 { "Tests (" (tests.len()) ")" }
+                h2 { "Tests (" (total) ")" }
                 table.grid {
                     thead { tr { th { "Test" } th { "Status" } th { "Runs" } th { "Shards" } th { "Cached" } th { "Size" } th { "Duration" } } }
                     tbody {
-                        @for t in tests {
+                        @for t in tests.iter().skip(page * TARGETS_PER_PAGE).take(TARGETS_PER_PAGE) {
                             @let info = t.test.clone().unwrap_or_default();
                             tr {
                                 td.label { (t.label) }
@@ -241,6 +256,13 @@ fn all_tests(v: &View<'_>) -> Markup {
                                 td { (duration(info.total_run_duration_millis)) }
                             }
                         }
+                    }
+                }
+                @if pages > 1 {
+                    nav.pager {
+                        @if page > 0 { a href=(link(page - 1)) { "← previous" } " " }
+                        "page " (page + 1) " of " (pages)
+                        @if page + 1 < pages { " " a href=(link(page + 1)) { "next →" } }
                     }
                 }
             }
@@ -261,9 +283,10 @@ fn targets(v: &View<'_>) -> Markup {
         .take(TARGETS_PER_PAGE);
     let link = |p: usize| {
         format!(
-            "?target={}&status={}&target_page={p}#targets",
+            "?target={}&status={}&target_page={p}&test_page={}#targets",
             q(&f.text),
-            q(&f.status)
+            q(&f.status),
+            f.tests_page
         )
     };
     html! {
