@@ -34,6 +34,7 @@ pub mod devcerts;
 pub mod fuzzing;
 pub mod gate;
 pub mod layers;
+pub mod live;
 pub mod metrics;
 pub mod proto;
 pub mod reapi;

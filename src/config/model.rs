@@ -182,6 +182,12 @@ pub struct JwtProviderConfig {
     pub audiences: Vec<String>,
     /// Accept HMAC secrets shorter than the hash output.
     pub allow_weak_secret: bool,
+    /// The key path of the key material (`authorization.secret`,
+    /// `authorization.jwt.providers[1].jwks-url`, ...), for the errors of the
+    /// verifier that checks it.
+    pub key_at: String,
+    /// The file the key was read from (`secret:`), for the same errors.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Where a provider's verification key comes from.
@@ -195,12 +201,14 @@ pub enum JwtKeyConfig {
     Jwks {
         /// One or more URLs whose keys are merged.
         urls: Vec<String>,
-        /// How often they are fetched again.
-        refresh: Duration,
-        /// Keys older than this (since the last good fetch) are dropped.
+        /// How often they are fetched again (`None`: the verifier's default).
+        refresh: Option<Duration>,
+        /// Keys older than this (since the last good fetch) are dropped
+        /// (`None`: the verifier's default).
         max_staleness: Option<Duration>,
-        /// At most one refetch for an unknown `kid` in this interval.
-        min_refetch_interval: Duration,
+        /// At most one refetch for an unknown `kid` in this interval
+        /// (`None`: the verifier's default).
+        min_refetch_interval: Option<Duration>,
     },
 }
 

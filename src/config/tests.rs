@@ -136,12 +136,7 @@ fn jwt_needs_algorithm_and_a_key() {
     let jwt = c.authorization.jwt.unwrap();
     assert!(matches!(&jwt.providers[0].key, JwtKeyConfig::Secret(s) if s.len() == 32));
     assert_eq!(jwt.providers[0].audiences, vec!["a", "b"]);
-    let e = parse_in(
-        d.path(),
-        &format!("{base}  algorithm: rs256\n  jwks-url: http://keys.example/jwks\n"),
-    )
-    .unwrap_err();
-    assert_eq!(e.key, "authorization.jwks-url[0]");
+    // Which URLs may serve keys is the verifier's rule: see gate::tests.
     parse_in(d.path(), &format!("{base}  algorithm: rs256\n  jwks-url: [\"http://127.0.0.1:9/jwks\", \"https://x/jwks\"]\n")).unwrap();
 }
 
@@ -426,46 +421,4 @@ fn addresses_are_shown_without_userinfo() {
     );
     assert!(c.summary().contains("upstream grpc://127.0.0.1:50052"));
     assert!(!c.summary().contains("s3cret"));
-}
-
-#[test]
-fn rsa_keys_aws_lc_cannot_verify_with_are_refused() {
-    let d = tempdir();
-    std::fs::write(
-        d.path().join("rs1024.pem"),
-        include_str!("../../tests/keys/rs1024.pub.pem"),
-    )
-    .unwrap();
-    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-    let der = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
-        aws_lc_rs::signature::KeyPair::public_key(&pair),
-    )
-    .unwrap();
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    std::fs::write(
-        d.path().join("rs2048.pem"),
-        format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n"),
-    )
-    .unwrap();
-    let yaml = |alg: &str, file: &str| {
-        format!("server:\n  - address: 127.0.0.1:0\n    insecure-mode: true\nauthorization:\n  method: jwt\n  algorithm: {alg}\n  secret: {file}\n")
-    };
-    for alg in ["rs256", "ps512"] {
-        let e = parse_in(d.path(), &yaml(alg, "rs1024.pem")).unwrap_err();
-        assert_eq!(e.key, "authorization.secret", "{e}");
-        assert_eq!(
-            e.reason,
-            format!(
-                "{}: RSA key of 1024 bits; at least 2048 are needed",
-                d.path().join("rs1024.pem").display()
-            )
-        );
-        assert!(
-            e.to_string()
-                .starts_with("test.yaml: authorization.secret: "),
-            "{e}"
-        );
-        assert!(parse_in(d.path(), &yaml(alg, "rs2048.pem")).is_ok());
-    }
 }

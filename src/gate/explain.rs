@@ -59,7 +59,7 @@ fn explain(
             };
             runtime
                 .block_on(async {
-                    gate.start(false).await;
+                    gate.start().await;
                     verifier.authenticate(token.trim()).await
                 })
                 .map_err(|e| anyhow::anyhow!("the token is refused (UNAUTHENTICATED): {e}"))?

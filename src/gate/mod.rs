@@ -28,17 +28,63 @@ use std::sync::Arc;
 pub use admission::{Admission, Authorizer};
 pub use layer::GateLayer;
 
-use crate::config::{AclMatch, AuthMethod, Config, JwtConfig, JwtKeyConfig};
+use crate::config::{
+    AclMatch, AuthMethod, AuthorizationConfig, Config, JwtConfig, JwtKeyConfig, LimitsConfig,
+};
 use identity::Identity;
 use reload::LivePolicy;
 
 /// Why the Gate could not be set up from the config.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
+    /// The token verifier refused its settings.
     #[error("authorization: {0}")]
     Jwt(#[from] jwt::JwtConfigError),
+    /// The verifier refused the key material at one config key.
+    #[error("{key}: {reason}")]
+    Key {
+        /// The config key path, e.g. `authorization.jwks-url[0]`.
+        key: String,
+        /// Why, in the verifier's words.
+        reason: String,
+    },
+    /// The ACL file does not load.
     #[error("authorization.acl-config: {0}")]
     Policy(#[from] policy::PolicyError),
+}
+
+/// Names the config key of a key the verifier refused, where the error says
+/// which one it is (providers have unique names: `default` or their issuer).
+fn at_key(c: &JwtConfig, e: jwt::JwtConfigError) -> GateError {
+    let find = |name: &str| c.providers.iter().find(|p| p.name == name);
+    match &e {
+        jwt::JwtConfigError::RsaKeySize { provider, source } => {
+            if let Some(p) = find(provider) {
+                let file = p.key_file.as_deref().unwrap_or(std::path::Path::new(""));
+                return GateError::Key {
+                    key: p.key_at.clone(),
+                    reason: format!("{}: {source}", file.display()),
+                };
+            }
+        }
+        jwt::JwtConfigError::Jwks {
+            provider,
+            source: jwks::JwksConfigError::BadUrl { url, reason },
+        } => {
+            if let Some(p) = find(provider) {
+                if let JwtKeyConfig::Jwks { urls, .. } = &p.key {
+                    if let Some(i) = urls.iter().position(|u| u == url) {
+                        return GateError::Key {
+                            key: format!("{}[{i}]", p.key_at),
+                            reason: format!("{url:?}: {reason}"),
+                        };
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    GateError::Jwt(e)
 }
 
 /// Everything the Gate needs to admit requests, built once at start.
@@ -78,9 +124,12 @@ pub fn jwt_settings(c: &JwtConfig) -> jwt::JwtSettings {
                     min_refetch_interval,
                 } => jwt::KeySource::Jwks(jwks::JwksSettings {
                     urls: urls.clone(),
-                    refresh: *refresh,
-                    max_staleness: *max_staleness,
-                    min_refetch_interval: *min_refetch_interval,
+                    refresh: refresh.unwrap_or(jwks::JwksSettings::DEFAULT_REFRESH),
+                    max_staleness: Some(
+                        max_staleness.unwrap_or(jwks::JwksSettings::DEFAULT_MAX_STALENESS),
+                    ),
+                    min_refetch_interval: min_refetch_interval
+                        .unwrap_or(jwks::JwksSettings::DEFAULT_MIN_REFETCH_INTERVAL),
                     timeout: jwks::JwksSettings::DEFAULT_TIMEOUT,
                 }),
             },
@@ -102,9 +151,9 @@ pub fn jwt_settings(c: &JwtConfig) -> jwt::JwtSettings {
 }
 
 /// The policy options the config asks for.
-pub fn policy_options(config: &Config) -> policy::PolicyOptions {
+pub fn policy_options(a: &AuthorizationConfig) -> policy::PolicyOptions {
     policy::PolicyOptions {
-        match_mode: match config.authorization.acl_match {
+        match_mode: match a.acl_match {
             AclMatch::Whole => policy::MatchMode::Whole,
             AclMatch::Prefix => policy::MatchMode::Prefix,
         },
@@ -116,14 +165,20 @@ impl Gate {
     /// loads the policy (an invalid policy is fatal here). Key sets are not
     /// fetched yet: call [`Gate::start`].
     pub fn from_config(config: &Config) -> Result<Gate, GateError> {
-        let a = &config.authorization;
+        Gate::new(&config.authorization, &config.limits)
+    }
+
+    /// Builds the Gate from its own sections: `authorization:` and `limits:`.
+    pub fn new(a: &AuthorizationConfig, l: &LimitsConfig) -> Result<Gate, GateError> {
         let jwt = match (&a.method, &a.jwt) {
-            (AuthMethod::Jwt, Some(c)) => Some(jwt::JwtAuthenticator::new(jwt_settings(c))?),
+            (AuthMethod::Jwt, Some(c)) => {
+                Some(jwt::JwtAuthenticator::new(jwt_settings(c)).map_err(|e| at_key(c, e))?)
+            }
             _ => None,
         };
         let policy = match (&a.method, &a.acl_config) {
             (AuthMethod::None, _) | (_, None) => None,
-            (_, Some(path)) => Some(LivePolicy::load(path, policy_options(config))?),
+            (_, Some(path)) => Some(reload::load(path, policy_options(a), a.watch_policy)?),
         };
         if let Some(p) = &policy {
             let current = p.current();
@@ -135,7 +190,7 @@ impl Gate {
             );
         }
         let decider = Arc::new(decide::Decider::new(a.method, policy.clone()));
-        let max = config.limits.max_message_bytes;
+        let max = l.max_message_bytes;
         Ok(Gate {
             routes: route::RouteTable::new(),
             method: a.method,
@@ -149,27 +204,20 @@ impl Gate {
                 max_message: max,
                 max_decompressed: max,
             },
-            first_message_timeout: config.limits.first_message_timeout,
-            max_header_list: config.limits.max_header_list_size as usize,
-            max_instance_name: config.limits.max_instance_name_bytes,
-            shares: shares::Shares::new(&config.limits),
+            first_message_timeout: l.first_message_timeout,
+            max_header_list: l.max_header_list_size as usize,
+            max_instance_name: l.max_instance_name_bytes,
+            shares: shares::Shares::new(l),
             decider,
         })
     }
 
-    /// Starts the background work: the first key-set fetch and its refresh,
-    /// and the policy reloads (SIGHUP always; file changes when `watch`). Returns the tasks to abort
-    /// at shutdown.
-    pub async fn start(&self, watch: bool) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut tasks = Vec::new();
+    /// Starts the background work: the first key-set fetch and its refresh.
+    /// (Policy reloads are the server's reloader's: see [`crate::live`].)
+    pub async fn start(&self) {
         if let Some(jwt) = &self.jwt {
             jwt.start().await;
         }
-        if let Some(p) = &self.policy {
-            let poll = watch.then_some(std::time::Duration::from_secs(1));
-            tasks.push(p.spawn_watcher(poll));
-        }
-        tasks
     }
 
     /// Whether every key set has arrived (health reports NOT_SERVING before).
@@ -221,3 +269,6 @@ impl Drop for Gate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,177 +1,74 @@
-//! The live policy and its hot reload.
+//! The live policy: the ACL files as a [`Live`] value.
 //!
-//! The policy in force is an `Arc<Policy>` swapped atomically: a request takes
-//! its own reference when it is decided, so in-flight requests finish under the
-//! policy they started with while new ones see the new one. A reload happens
-//! when the ACL files change (checked every second by size and modification
-//! time, so it works for a single file, a directory, and editors that replace
-//! files) or on SIGHUP. A reload that fails keeps the previous policy and logs
-//! the file, line and reason.
+//! The policy in force is swapped atomically (see [`crate::live`]): a request
+//! is decided under the policy it took, new ones see the new one. With
+//! `watch-policy` a change of the files reloads it; SIGHUP always does. A
+//! reload that fails keeps the previous policy and logs the file, line and
+//! reason.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
 use super::policy::{Policy, PolicyError, PolicyOptions};
+use crate::live::{Live, Source};
 
-/// The policy in force, replaceable at run time.
-pub struct LivePolicy {
+/// The ACL file or directory, and how it is read.
+pub struct PolicyFiles {
     path: PathBuf,
     options: PolicyOptions,
-    current: RwLock<Arc<Policy>>,
 }
 
-/// A fingerprint of the ACL files: (path, size, mtime) of each.
-type Stamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let mut files = Vec::new();
-    let mut push = |p: PathBuf| {
-        if let Ok(m) = std::fs::metadata(&p) {
-            files.push((p, m.len(), m.modified().ok()));
-        }
-    };
-    if path.is_dir() {
-        if let Ok(entries) = std::fs::read_dir(path) {
-            for e in entries.flatten() {
-                push(e.path());
-            }
-        }
-    } else {
-        push(path.to_path_buf());
+impl PolicyFiles {
+    /// The ACL file or directory.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    files.sort();
-    files
 }
 
-impl LivePolicy {
-    /// Loads the policy at start; an invalid policy here is fatal.
-    pub fn load(path: &Path, options: PolicyOptions) -> Result<Arc<LivePolicy>, PolicyError> {
-        let policy = Policy::load(path, &options)?;
-        Ok(Arc::new(LivePolicy {
+impl Source for PolicyFiles {
+    type Value = Policy;
+    type Error = PolicyError;
+    const WHAT: &'static str = "policy";
+    const RELOADED: &'static str = "policy reloaded";
+    const FAILED: &'static str = "policy reload failed; keeping the previous policy";
+    const VERSIONED: bool = true;
+
+    fn load(&self) -> Result<Policy, PolicyError> {
+        Policy::load(&self.path, &self.options)
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        vec![self.path.clone()]
+    }
+
+    fn version(&self, p: &Policy) -> String {
+        p.version().to_string()
+    }
+
+    fn reloaded(&self, old: &Policy, new: Option<&Policy>) {
+        match new {
+            Some(p) => crate::metrics::policy_reload(true, old.version(), p.version()),
+            None => crate::metrics::policy_reload(false, old.version(), old.version()),
+        }
+    }
+}
+
+/// The policy in force, replaceable at run time.
+pub type LivePolicy = Live<PolicyFiles>;
+
+/// Loads the policy at start (an invalid policy here is fatal); with
+/// `follow_files` a change of the files reloads it.
+pub fn load(
+    path: &Path,
+    options: PolicyOptions,
+    follow_files: bool,
+) -> Result<Arc<LivePolicy>, PolicyError> {
+    Live::load(
+        PolicyFiles {
             path: path.to_path_buf(),
             options,
-            current: RwLock::new(Arc::new(policy)),
-        }))
-    }
-
-    /// The policy in force now.
-    pub fn current(&self) -> Arc<Policy> {
-        match self.current.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Loads the files again; on success the new policy replaces the old one.
-    pub fn reload(&self) -> Result<Arc<Policy>, PolicyError> {
-        let policy = Arc::new(Policy::load(&self.path, &self.options)?);
-        let mut slot = match self.current.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *slot = policy.clone();
-        Ok(policy)
-    }
-
-    fn reload_and_log(&self, why: &str) {
-        let old = self.current().version().to_string();
-        let result = self.reload();
-        match &result {
-            Ok(p) => crate::metrics::policy_reload(true, &old, p.version()),
-            Err(_) => crate::metrics::policy_reload(false, &old, &old),
-        }
-        match result {
-            Ok(p) if p.version() != old => tracing::info!(
-                path = %self.path.display(),
-                version = p.version(),
-                previous = %old,
-                trigger = why,
-                "policy reloaded"
-            ),
-            Ok(_) => tracing::debug!(trigger = why, "policy unchanged"),
-            Err(e) => tracing::error!(
-                trigger = why,
-                version = %old,
-                "policy reload failed; keeping the previous policy: {e}"
-            ),
-        }
-    }
-
-    /// Reloads on SIGHUP and, with `poll`, when the files change, until the
-    /// returned task is aborted.
-    pub fn spawn_watcher(self: &Arc<Self>, poll: Option<Duration>) -> tokio::task::JoinHandle<()> {
-        let live = self.clone();
-        tokio::spawn(async move {
-            let mut triggers = Triggers::new(poll);
-            let mut last = stamp(&live.path);
-            loop {
-                let trigger = triggers.next().await;
-                let now = stamp(&live.path);
-                if trigger == Trigger::Sighup || now != last {
-                    last = now;
-                    live.reload_and_log(trigger.as_str());
-                }
-            }
-        })
-    }
-}
-
-/// Why files are looked at again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// The poll interval passed: reload if the files changed.
-    Poll,
-    /// SIGHUP: reload now.
-    Sighup,
-}
-
-impl Trigger {
-    /// For log lines: `file change` or `SIGHUP`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Poll => "file change",
-            Trigger::Sighup => "SIGHUP",
-        }
-    }
-}
-
-/// SIGHUP and, optionally, a poll interval: what file-backed settings (policy
-/// files, TLS certificates) reload on.
-pub struct Triggers {
-    hup: Option<tokio::signal::unix::Signal>,
-    tick: Option<tokio::time::Interval>,
-}
-
-impl Triggers {
-    /// Listens for SIGHUP from now on; polls every `poll` when given.
-    pub fn new(poll: Option<Duration>) -> Triggers {
-        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let tick = poll.map(|p| {
-            let mut tick = tokio::time::interval(p);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick
-        });
-        Triggers { hup, tick }
-    }
-
-    /// Waits for the next SIGHUP or poll tick.
-    pub async fn next(&mut self) -> Trigger {
-        let hup = async {
-            match self.hup.as_mut() {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        let tick = async {
-            match self.tick.as_mut() {
-                Some(t) => t.tick().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tick => Trigger::Poll,
-            _ = hup => Trigger::Sighup,
-        }
-    }
+        },
+        "",
+        follow_files,
+    )
 }

@@ -86,22 +86,30 @@ pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, ScanError> {
 }
 
 /// One field of a message: number, wire type and where its value lies.
-struct Field<'a> {
-    number: u64,
-    wire: u8,
+pub struct Field<'a> {
+    /// The field number.
+    pub number: u64,
+    /// The wire type (0, 1, 2 or 5).
+    pub wire: u8,
     /// For wire type 2, the payload; else empty.
-    payload: &'a [u8],
-    varint: u64,
+    pub payload: &'a [u8],
+    /// For wire type 0, the value; else 0.
+    pub varint: u64,
+    /// The whole field as it is in the message: key, length and value.
+    pub raw: &'a [u8],
 }
 
-/// Iterates over the top-level fields of a message.
-fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, ScanError>> {
+/// Iterates over the top-level fields of a message: the one protobuf field
+/// walker (the Gate's scanner and the upstream rewriter both use it). After
+/// the first error it ends.
+pub fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, ScanError>> {
     let mut pos = 0usize;
     let mut failed = false;
     std::iter::from_fn(move || {
         if failed || pos >= buf.len() {
             return None;
         }
+        let start = pos;
         let item = (|| {
             let key = read_varint(buf, &mut pos)?;
             let number = key >> 3;
@@ -117,6 +125,7 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, ScanError>> {
                         wire,
                         payload: &[],
                         varint: v,
+                        raw: &buf[start..pos],
                     })
                 }
                 1 | 5 => {
@@ -130,6 +139,7 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, ScanError>> {
                         wire,
                         payload: &[],
                         varint: 0,
+                        raw: &buf[start..pos],
                     })
                 }
                 2 => {
@@ -145,6 +155,7 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, ScanError>> {
                         wire,
                         payload,
                         varint: 0,
+                        raw: &buf[start..pos],
                     })
                 }
                 _ => Err(ScanError::BadTag),

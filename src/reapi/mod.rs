@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use tonic::service::RoutesBuilder;
 
-use crate::config::{CasConfig, Compression, Config, InstanceBackend};
+use crate::config::{CasConfig, Compression, InstanceBackend, InstanceConfig, LimitsConfig};
 use crate::proto::build::bazel::remote::execution::v2 as re;
 use crate::proto::google::bytestream as bs;
 use store::{disk::DiskStore, memory::MemoryStore, BlobStore};
@@ -101,11 +101,14 @@ macro_rules! configured {
 impl ReapiServices {
     /// Builds the stores of every local instance in `config` (opening and
     /// scanning disk stores); upstream instances are skipped.
-    pub fn new(config: &Config) -> Result<ReapiServices, ReapiError> {
-        let max_message_bytes = config.limits.max_message_bytes;
+    pub fn new(
+        instances: &[InstanceConfig],
+        limits: &LimitsConfig,
+    ) -> Result<ReapiServices, ReapiError> {
+        let max_message_bytes = limits.max_message_bytes;
         let overhead = BATCH_OVERHEAD.min(max_message_bytes / 2);
         let mut by_name = HashMap::new();
-        for i in &config.instances {
+        for i in instances {
             let InstanceBackend::Local { cas, action_cache } = &i.backend else {
                 continue;
             };

@@ -52,7 +52,9 @@ use http::HeaderMap;
 use tonic::body::Body;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::{without_userinfo, Config, InstanceBackend, UpstreamConfig};
+use crate::config::{
+    without_userinfo, InstanceBackend, InstanceConfig, LimitsConfig, UpstreamConfig,
+};
 use crate::gate::admission::Admission;
 use crate::gate::authn::{ACTOR_HEADER, CALLER_HEADERS, SUBJECT_HEADER, WORKFLOW_HEADER};
 use crate::gate::frame::RefusalSlot;
@@ -434,14 +436,17 @@ pub struct Upstreams {
 impl Upstreams {
     /// Builds a forwarder for every upstream instance in `config` (must be
     /// called within a tokio runtime; nothing connects until used).
-    pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
+    pub fn new(
+        instances: &[InstanceConfig],
+        limits: &LimitsConfig,
+    ) -> Result<Upstreams, UpstreamError> {
         let mut by_name = HashMap::new();
-        let max = config.limits.max_message_bytes;
+        let max = limits.max_message_bytes;
         let limits = crate::gate::frame::Limits {
             max_message: max,
             max_decompressed: max,
         };
-        for i in &config.instances {
+        for i in instances {
             if let InstanceBackend::Upstream(u) = &i.backend {
                 by_name.insert(i.name.clone(), Upstream::with_limits(&i.name, u, limits)?);
             }

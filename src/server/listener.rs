@@ -192,10 +192,12 @@ impl BoundChannel {
     /// Binds a channel's socket and prepares its TLS acceptor.
     pub async fn bind(channel: &ChannelConfig) -> Result<BoundChannel, ListenError> {
         let tls = match &channel.tls {
-            Some(t) => Some(tls::LiveTls::load(t).map_err(|source| ListenError::Tls {
-                address: channel.address.clone(),
-                source,
-            })?),
+            Some(t) => Some(
+                tls::load(t, &channel.address).map_err(|source| ListenError::Tls {
+                    address: channel.address.clone(),
+                    source,
+                })?,
+            ),
             None => None,
         };
         let mtls = channel.tls.as_ref().is_some_and(|t| t.client_ca.is_some());

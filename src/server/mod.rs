@@ -18,7 +18,6 @@ pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tonic::service::RoutesBuilder;
@@ -37,8 +36,14 @@ pub enum ServerError {
     Listen(#[from] listener::ListenError),
     #[error("setting up {what}: {reason}")]
     Setup { what: &'static str, reason: String },
-    #[error(transparent)]
-    Gate(#[from] crate::gate::GateError),
+    /// The authorization section does not make a Gate (named with its file).
+    #[error("{file}: {source}")]
+    Gate {
+        /// The config file.
+        file: String,
+        /// Why.
+        source: crate::gate::GateError,
+    },
     #[error(transparent)]
     Web(#[from] crate::web::WebError),
 }
@@ -67,7 +72,12 @@ impl Gateway {
     /// [`Gateway::serve`]; any problem (a port in use, a bad certificate) is
     /// reported here, before a single request is taken.
     pub async fn bind(config: Config) -> Result<Gateway, ServerError> {
-        let gate = Arc::new(Gate::from_config(&config)?);
+        let gate = Arc::new(
+            Gate::from_config(&config).map_err(|source| ServerError::Gate {
+                file: config.source.clone(),
+                source,
+            })?,
+        );
         let config = Arc::new(config);
         let mut channels = Vec::new();
         for c in &config.channels {
@@ -93,17 +103,22 @@ impl Gateway {
         let mut routes = RoutesBuilder::default();
         routes.add_service(compressed!(health_service, config.compression));
 
-        let reapi = crate::reapi::ReapiServices::new(&config).map_err(|e| ServerError::Setup {
-            what: "REAPI instances",
-            reason: e.to_string(),
-        })?;
+        let reapi =
+            crate::reapi::ReapiServices::new(&config.instances, &config.limits).map_err(|e| {
+                ServerError::Setup {
+                    what: "REAPI instances",
+                    reason: e.to_string(),
+                }
+            })?;
         let reapi_instances = reapi.instances().clone();
         served.extend(reapi.add_to(&mut routes, config.compression));
         let upstreams = Arc::new(
-            crate::reapi::upstream::Upstreams::new(&config).map_err(|e| ServerError::Setup {
-                what: "upstream instances",
-                reason: e.to_string(),
-            })?,
+            crate::reapi::upstream::Upstreams::new(&config.instances, &config.limits).map_err(
+                |e| ServerError::Setup {
+                    what: "upstream instances",
+                    reason: e.to_string(),
+                },
+            )?,
         );
         let bes_error = |e: crate::bes::store::StoreError| ServerError::Setup {
             what: "the build event store (build-events)",
@@ -249,7 +264,8 @@ impl Gateway {
             tracing::warn!("{}: {key}: not used by gridgate: {note}", config.source);
         }
 
-        let mut background = gate.start(config.authorization.watch_policy).await;
+        gate.start().await;
+        let mut background: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         if config.authorization.jwks_required_at_start && gate.jwt().is_some_and(|j| !j.ready()) {
             for t in background {
                 t.abort();
@@ -268,25 +284,17 @@ impl Gateway {
             }
             background.extend(telemetry.start(sample));
         }
-        if gate.policy().is_none() {
-            // Nothing to reload yet; without a handler SIGHUP would end the process.
-            background.push(tokio::spawn(async {
-                use tokio::signal::unix::{signal, SignalKind};
-                if let Ok(mut hup) = signal(SignalKind::hangup()) {
-                    while hup.recv().await.is_some() {
-                        tracing::info!("SIGHUP: no policy files to reload");
-                    }
-                }
-            }));
+        // One reloader: SIGHUP and file changes, for the policy and every TLS channel.
+        let mut live: Vec<Arc<dyn crate::live::Reload>> = Vec::new();
+        if let Some(policy) = gate.policy() {
+            live.push(policy.clone());
         }
-
-        let live_tls: Vec<(String, Arc<tls::LiveTls>)> = channels
-            .iter()
-            .filter_map(|c| Some((c.addr.to_string(), c.live_tls()?)))
-            .collect();
-        if !live_tls.is_empty() {
-            background.push(tls::spawn_reloader(live_tls, Duration::from_secs(1)));
-        }
+        live.extend(
+            channels
+                .iter()
+                .filter_map(|c| c.live_tls().map(|t| -> Arc<dyn crate::live::Reload> { t })),
+        );
+        background.push(crate::live::spawn_reloader(live));
 
         let labels = gate.clone();
         let stack = tower::ServiceBuilder::new()

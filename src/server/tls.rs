@@ -2,7 +2,7 @@
 //! certificate verification against a configured CA, and the identity a
 //! verified client certificate carries.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
@@ -12,6 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsConfig;
 use crate::gate::identity::PeerCertificate;
+use crate::live::{Live, Source};
 
 mod subject;
 
@@ -129,119 +130,41 @@ pub fn peer_certificate(der: &CertificateDer<'_>) -> Option<PeerCertificate> {
     Some(out)
 }
 
-/// A channel's TLS settings that can be replaced while it serves: a reload
-/// (SIGHUP, or a change of the certificate, key or client CA file) builds a
-/// new rustls config from the files; new handshakes use it, connections
-/// already open keep theirs. A config that does not load (a half-written
-/// file, a key that does not match) is logged and the previous one kept.
-pub struct LiveTls {
-    settings: TlsConfig,
-    current: std::sync::RwLock<Arc<ServerConfig>>,
-    stamp: std::sync::Mutex<Vec<Option<(std::time::SystemTime, u64)>>>,
-}
+/// A channel's TLS files: the certificate, its key and the client CA. As a
+/// [`Live`] value (see [`crate::live`]) a reload (SIGHUP, or a change of one
+/// of the files) builds a new rustls config; new handshakes use it,
+/// connections already open keep theirs. A config that does not load (a
+/// half-written file, a key that does not match) is logged and the previous
+/// one kept.
+pub struct TlsFiles(TlsConfig);
 
-impl LiveTls {
-    /// Loads the files; an error here refuses to start.
-    pub fn load(settings: &TlsConfig) -> Result<Arc<LiveTls>, TlsError> {
-        let config = server_config(settings)?;
-        let live = LiveTls {
-            settings: settings.clone(),
-            current: std::sync::RwLock::new(config),
-            stamp: std::sync::Mutex::new(Vec::new()),
-        };
-        let stamp = live.files_stamp();
-        *live
-            .stamp
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = stamp;
-        Ok(Arc::new(live))
+impl Source for TlsFiles {
+    type Value = ServerConfig;
+    type Error = TlsError;
+    const WHAT: &'static str = "TLS";
+    const RELOADED: &'static str = "TLS certificate reloaded: new handshakes use it";
+    const FAILED: &'static str = "TLS reload failed; keeping the previous certificate";
+
+    fn load(&self) -> Result<ServerConfig, TlsError> {
+        server_config(&self.0).map(Arc::unwrap_or_clone)
     }
 
-    /// The config for the next handshake.
-    pub fn current(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    fn files(&self) -> Vec<&Path> {
-        let mut files = vec![self.settings.cert.as_path(), self.settings.key.as_path()];
-        files.extend(self.settings.client_ca.as_deref());
+    fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.0.cert.clone(), self.0.key.clone()];
+        files.extend(self.0.client_ca.clone());
         files
     }
 
-    fn files_stamp(&self) -> Vec<Option<(std::time::SystemTime, u64)>> {
-        self.files()
-            .iter()
-            .map(|p| {
-                let m = std::fs::metadata(p).ok()?;
-                Some((m.modified().ok()?, m.len()))
-            })
-            .collect()
-    }
-
-    /// Whether a file changed since the last load attempt.
-    pub fn changed(&self) -> bool {
-        let now = self.files_stamp();
-        let mut last = self
-            .stamp
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *last == now {
-            return false;
-        }
-        *last = now;
-        true
-    }
-
-    /// Loads the files again; on success new handshakes use them.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.settings)?;
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
-        Ok(())
-    }
-
-    /// The certificate file, for logs.
-    pub fn cert_path(&self) -> &Path {
-        &self.settings.cert
+    fn version(&self, _: &ServerConfig) -> String {
+        self.0.cert.display().to_string()
     }
 }
 
-/// Reloads every channel's TLS files on SIGHUP and, polling every `poll`,
-/// when one of them changes; until the task is aborted.
-pub fn spawn_reloader(
-    channels: Vec<(String, Arc<LiveTls>)>,
-    poll: std::time::Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        use crate::gate::reload::{Trigger, Triggers};
-        let mut triggers = Triggers::new(Some(poll));
-        loop {
-            let trigger = triggers.next().await;
-            for (address, live) in &channels {
-                // `changed` also records the files' state for the next poll.
-                if !live.changed() && trigger == Trigger::Poll {
-                    continue;
-                }
-                let trigger = trigger.as_str();
-                match live.reload() {
-                    Ok(()) => tracing::info!(
-                        channel = %address,
-                        cert = %live.cert_path().display(),
-                        trigger,
-                        "TLS certificate reloaded: new handshakes use it"
-                    ),
-                    Err(e) => tracing::error!(
-                        channel = %address,
-                        trigger,
-                        "TLS reload failed; keeping the previous certificate: {e}"
-                    ),
-                }
-            }
-        }
-    })
+/// A channel's TLS settings, replaceable while it serves.
+pub type LiveTls = Live<TlsFiles>;
+
+/// Loads a channel's TLS files (an error here refuses to start); `name` is
+/// the channel's address, for log lines.
+pub fn load(settings: &TlsConfig, name: &str) -> Result<Arc<LiveTls>, TlsError> {
+    Live::load(TlsFiles(settings.clone()), name, true)
 }

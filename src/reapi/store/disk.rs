@@ -23,6 +23,7 @@
 //! under the index lock, so an eviction can never delete a blob that a
 //! concurrent upload has just put back.
 
+use futures_util::future::BoxFuture;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -226,135 +227,148 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Io(format!("background task failed: {e}")))?
 }
 
-#[tonic::async_trait]
 impl BlobStore for DiskStore {
-    async fn missing(&self, keys: &[BlobKey]) -> Vec<BlobKey> {
-        keys.iter()
-            .filter(|k| !k.is_empty() && !self.touch(k))
-            .copied()
-            .collect()
+    fn missing<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, Vec<BlobKey>> {
+        Box::pin(async move {
+            keys.iter()
+                .filter(|k| !k.is_empty() && !self.touch(k))
+                .copied()
+                .collect()
+        })
     }
 
-    async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, StoreError> {
-        if key.is_empty() {
-            return Ok(Some(Bytes::new()));
-        }
-        if !self.touch(key) {
-            return Ok(None);
-        }
-        let path = self.blob_path(key);
-        match tokio::fs::read(&path).await {
-            Ok(data) => Ok(Some(Bytes::from(data))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("cannot read", &path, e)),
-        }
+    fn get<'a>(&'a self, key: &'a BlobKey) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            if key.is_empty() {
+                return Ok(Some(Bytes::new()));
+            }
+            if !self.touch(key) {
+                return Ok(None);
+            }
+            let path = self.blob_path(key);
+            match tokio::fs::read(&path).await {
+                Ok(data) => Ok(Some(Bytes::from(data))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_error("cannot read", &path, e)),
+            }
+        })
     }
 
-    async fn read(
-        &self,
-        key: &BlobKey,
+    fn read<'a>(
+        &'a self,
+        key: &'a BlobKey,
         offset: u64,
         limit: u64,
-    ) -> Result<Option<BlobStream>, StoreError> {
-        if key.is_empty() {
-            return Ok(Some(Box::pin(futures_util::stream::empty())));
-        }
-        if !self.touch(key) {
-            return Ok(None);
-        }
-        let path = self.blob_path(key);
-        // An open file stays readable even if the blob is evicted meanwhile.
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("cannot open", &path, e)),
-        };
-        file.seek(io::SeekFrom::Start(offset))
-            .await
-            .map_err(|e| io_error("cannot seek", &path, e))?;
-        let available = key.size.saturating_sub(offset);
-        let remaining = if limit == 0 {
-            available
-        } else {
-            limit.min(available)
-        };
-        let stream = futures_util::stream::unfold(
-            (file, remaining, path),
-            |(mut file, remaining, path)| async move {
-                if remaining == 0 {
-                    return None;
-                }
-                let want = remaining.min(CHUNK as u64) as usize;
-                let mut buf = BytesMut::zeroed(want);
-                let mut filled = 0;
-                while filled < want {
-                    match file.read(&mut buf[filled..]).await {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) => {
-                            return Some((Err(io_error("cannot read", &path, e)), (file, 0, path)))
+    ) -> BoxFuture<'a, Result<Option<BlobStream>, StoreError>> {
+        Box::pin(async move {
+            if key.is_empty() {
+                let empty: BlobStream = Box::pin(futures_util::stream::empty());
+                return Ok(Some(empty));
+            }
+            if !self.touch(key) {
+                return Ok(None);
+            }
+            let path = self.blob_path(key);
+            // An open file stays readable even if the blob is evicted meanwhile.
+            let mut file = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_error("cannot open", &path, e)),
+            };
+            file.seek(io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| io_error("cannot seek", &path, e))?;
+            let available = key.size.saturating_sub(offset);
+            let remaining = if limit == 0 {
+                available
+            } else {
+                limit.min(available)
+            };
+            let stream = futures_util::stream::unfold(
+                (file, remaining, path),
+                |(mut file, remaining, path)| async move {
+                    if remaining == 0 {
+                        return None;
+                    }
+                    let want = remaining.min(CHUNK as u64) as usize;
+                    let mut buf = BytesMut::zeroed(want);
+                    let mut filled = 0;
+                    while filled < want {
+                        match file.read(&mut buf[filled..]).await {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) => {
+                                return Some((
+                                    Err(io_error("cannot read", &path, e)),
+                                    (file, 0, path),
+                                ))
+                            }
                         }
                     }
-                }
-                if filled == 0 {
-                    let e = io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "blob file is shorter than its size",
-                    );
-                    return Some((Err(io_error("cannot read", &path, e)), (file, 0, path)));
-                }
-                buf.truncate(filled);
-                Some((Ok(buf.freeze()), (file, remaining - filled as u64, path)))
-            },
-        );
-        Ok(Some(Box::pin(stream)))
+                    if filled == 0 {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob file is shorter than its size",
+                        );
+                        return Some((Err(io_error("cannot read", &path, e)), (file, 0, path)));
+                    }
+                    buf.truncate(filled);
+                    Some((Ok(buf.freeze()), (file, remaining - filled as u64, path)))
+                },
+            );
+            let stream: BlobStream = Box::pin(stream);
+            Ok(Some(stream))
+        })
     }
 
-    async fn begin(&self, key: BlobKey) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let max = self.max_bytes();
-        if key.size > max {
-            return Err(StoreError::TooLarge {
-                size: key.size,
-                max,
-            });
-        }
-        let store = self.clone();
-        let dir = self.shard_dir(&key);
-        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(
-            "{TMP_PREFIX}{}-{}-{}-{n}",
-            key.hex(),
-            key.size,
-            std::process::id()
-        ));
-        let tmp_path = tmp.clone();
-        let file = blocking(move || {
-            {
-                let mut lru = store.lock();
-                let evicted = lru.reserve(key.size)?;
-                store.delete_evicted(evicted);
+    fn begin<'a>(&'a self, key: BlobKey) -> BoxFuture<'a, Result<Box<dyn BlobWriter>, StoreError>> {
+        Box::pin(async move {
+            let max = self.max_bytes();
+            if key.size > max {
+                return Err(StoreError::TooLarge {
+                    size: key.size,
+                    max,
+                });
             }
-            let created = fs::create_dir_all(&dir).and_then(|_| {
-                fs::File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp_path)
-            });
-            created.map_err(|e| {
-                store.lock().release(key.size);
-                io_error("cannot create", &tmp_path, e)
+            let store = self.clone();
+            let dir = self.shard_dir(&key);
+            let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(
+                "{TMP_PREFIX}{}-{}-{}-{n}",
+                key.hex(),
+                key.size,
+                std::process::id()
+            ));
+            let tmp_path = tmp.clone();
+            let file = blocking(move || {
+                {
+                    let mut lru = store.lock();
+                    let evicted = lru.reserve(key.size)?;
+                    store.delete_evicted(evicted);
+                }
+                let created = fs::create_dir_all(&dir).and_then(|_| {
+                    fs::File::options()
+                        .write(true)
+                        .create_new(true)
+                        .open(&tmp_path)
+                });
+                created.map_err(|e| {
+                    store.lock().release(key.size);
+                    io_error("cannot create", &tmp_path, e)
+                })
             })
+            .await?;
+            let writer: Box<dyn BlobWriter> = Box::new(DiskWriter {
+                store: self.clone(),
+                key,
+                tmp,
+                file: Some(tokio::fs::File::from_std(file)),
+                hasher: Sha256::new(),
+                written: 0,
+                pending: true,
+            });
+            Ok(writer)
         })
-        .await?;
-        Ok(Box::new(DiskWriter {
-            store: self.clone(),
-            key,
-            tmp,
-            file: Some(tokio::fs::File::from_std(file)),
-            hasher: Sha256::new(),
-            written: 0,
-            pending: true,
-        }))
     }
 
     fn max_bytes(&self) -> u64 {
@@ -382,68 +396,74 @@ struct DiskWriter {
     pending: bool,
 }
 
-#[tonic::async_trait]
 impl BlobWriter for DiskWriter {
-    async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        check_room(&self.key, self.written, data.len())?;
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
-        file.write_all(data)
-            .await
-            .map_err(|e| io_error("cannot write", &self.tmp, e))?;
-        self.hasher.update(data);
-        self.written += data.len() as u64;
-        Ok(())
+    fn write<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            check_room(&self.key, self.written, data.len())?;
+            let file = self
+                .file
+                .as_mut()
+                .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
+            file.write_all(data)
+                .await
+                .map_err(|e| io_error("cannot write", &self.tmp, e))?;
+            self.hasher.update(data);
+            self.written += data.len() as u64;
+            Ok(())
+        })
     }
 
     fn written(&self) -> u64 {
         self.written
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        let actual = std::mem::take(&mut self.hasher).finish(self.written);
-        verify(&self.key, &actual)?;
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
-        file.flush()
-            .await
-            .map_err(|e| io_error("cannot flush", &self.tmp, e))?;
-        file.sync_all()
-            .await
-            .map_err(|e| io_error("cannot fsync", &self.tmp, e))?;
-        drop(file);
-        let store = self.store.clone();
-        let key = self.key;
-        let tmp = self.tmp.clone();
-        // From here on the blocking task owns the temporary file and the
-        // reservation, whatever happens to this future.
-        self.pending = false;
-        blocking(move || {
-            let dest = store.blob_path(&key);
-            let mut lru = store.lock();
-            if let Err(e) = fs::rename(&tmp, &dest) {
-                lru.release(key.size);
+    fn commit<'a>(mut self: Box<Self>) -> BoxFuture<'a, Result<(), StoreError>>
+    where
+        Self: 'a,
+    {
+        Box::pin(async move {
+            let actual = std::mem::take(&mut self.hasher).finish(self.written);
+            verify(&self.key, &actual)?;
+            let mut file = self
+                .file
+                .take()
+                .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
+            file.flush()
+                .await
+                .map_err(|e| io_error("cannot flush", &self.tmp, e))?;
+            file.sync_all()
+                .await
+                .map_err(|e| io_error("cannot fsync", &self.tmp, e))?;
+            drop(file);
+            let store = self.store.clone();
+            let key = self.key;
+            let tmp = self.tmp.clone();
+            // From here on the blocking task owns the temporary file and the
+            // reservation, whatever happens to this future.
+            self.pending = false;
+            blocking(move || {
+                let dest = store.blob_path(&key);
+                let mut lru = store.lock();
+                if let Err(e) = fs::rename(&tmp, &dest) {
+                    lru.release(key.size);
+                    drop(lru);
+                    let _ = fs::remove_file(&tmp);
+                    return Err(io_error("cannot rename into place", &dest, e));
+                }
+                let _ = lru.insert_reserved(
+                    key,
+                    DiskEntry {
+                        touched: Instant::now(),
+                    },
+                );
                 drop(lru);
-                let _ = fs::remove_file(&tmp);
-                return Err(io_error("cannot rename into place", &dest, e));
-            }
-            let _ = lru.insert_reserved(
-                key,
-                DiskEntry {
-                    touched: Instant::now(),
-                },
-            );
-            drop(lru);
-            if let Some(dir) = dest.parent() {
-                let _ = fs::File::open(dir).and_then(|d| d.sync_all());
-            }
-            Ok(())
+                if let Some(dir) = dest.parent() {
+                    let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+                }
+                Ok(())
+            })
+            .await
         })
-        .await
     }
 }
 

@@ -3,6 +3,7 @@
 //! local CAS when a metrics output is configured.
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 
 use std::sync::Arc;
 
@@ -33,40 +34,48 @@ impl Measured {
     }
 }
 
-#[tonic::async_trait]
 impl BlobStore for Measured {
-    async fn missing(&self, keys: &[BlobKey]) -> Vec<BlobKey> {
-        let missing = self.inner.missing(keys).await;
-        let misses = missing.len() as u64;
-        self.lookups((keys.len() as u64).saturating_sub(misses), misses);
-        missing
+    fn missing<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, Vec<BlobKey>> {
+        Box::pin(async move {
+            let missing = self.inner.missing(keys).await;
+            let misses = missing.len() as u64;
+            self.lookups((keys.len() as u64).saturating_sub(misses), misses);
+            missing
+        })
     }
 
-    async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, StoreError> {
-        let got = self.inner.get(key).await?;
-        let hit = u64::from(got.is_some());
-        self.lookups(hit, 1 - hit);
-        Ok(got)
+    fn get<'a>(&'a self, key: &'a BlobKey) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let got = self.inner.get(key).await?;
+            let hit = u64::from(got.is_some());
+            self.lookups(hit, 1 - hit);
+            Ok(got)
+        })
     }
 
-    async fn read(
-        &self,
-        key: &BlobKey,
+    fn read<'a>(
+        &'a self,
+        key: &'a BlobKey,
         offset: u64,
         limit: u64,
-    ) -> Result<Option<BlobStream>, StoreError> {
-        let got = self.inner.read(key, offset, limit).await?;
-        let hit = u64::from(got.is_some());
-        self.lookups(hit, 1 - hit);
-        Ok(got)
+    ) -> BoxFuture<'a, Result<Option<BlobStream>, StoreError>> {
+        Box::pin(async move {
+            let got = self.inner.read(key, offset, limit).await?;
+            let hit = u64::from(got.is_some());
+            self.lookups(hit, 1 - hit);
+            Ok(got)
+        })
     }
 
-    async fn begin(&self, key: BlobKey) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let inner = self.inner.begin(key).await?;
-        Ok(Box::new(MeasuredWriter {
-            inner,
-            bytes_stored: self.counters.bytes_stored.clone(),
-        }))
+    fn begin<'a>(&'a self, key: BlobKey) -> BoxFuture<'a, Result<Box<dyn BlobWriter>, StoreError>> {
+        Box::pin(async move {
+            let inner = self.inner.begin(key).await?;
+            let writer: Box<dyn BlobWriter> = Box::new(MeasuredWriter {
+                inner,
+                bytes_stored: self.counters.bytes_stored.clone(),
+            });
+            Ok(writer)
+        })
     }
 
     fn max_bytes(&self) -> u64 {
@@ -87,20 +96,24 @@ struct MeasuredWriter {
     bytes_stored: metrics::Counter,
 }
 
-#[tonic::async_trait]
 impl BlobWriter for MeasuredWriter {
-    async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        self.inner.write(data).await
+    fn write<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.inner.write(data).await })
     }
 
     fn written(&self) -> u64 {
         self.inner.written()
     }
 
-    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let bytes = self.inner.written();
-        self.inner.commit().await?;
-        self.bytes_stored.increment(bytes);
-        Ok(())
+    fn commit<'a>(self: Box<Self>) -> BoxFuture<'a, Result<(), StoreError>>
+    where
+        Self: 'a,
+    {
+        Box::pin(async move {
+            let bytes = self.inner.written();
+            self.inner.commit().await?;
+            self.bytes_stored.increment(bytes);
+            Ok(())
+        })
     }
 }

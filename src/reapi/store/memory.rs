@@ -8,6 +8,7 @@
 //! budget counts what is really held. A read hands out a reference-counted
 //! slice: a blob evicted while a read streams it is freed when the read ends.
 
+use futures_util::future::BoxFuture;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -38,55 +39,63 @@ impl MemoryStore {
     }
 }
 
-#[tonic::async_trait]
 impl BlobStore for MemoryStore {
-    async fn missing(&self, keys: &[BlobKey]) -> Vec<BlobKey> {
-        let mut lru = self.lock();
-        keys.iter()
-            .filter(|k| !k.is_empty() && lru.touch(k).is_none())
-            .copied()
-            .collect()
+    fn missing<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, Vec<BlobKey>> {
+        Box::pin(async move {
+            let mut lru = self.lock();
+            keys.iter()
+                .filter(|k| !k.is_empty() && lru.touch(k).is_none())
+                .copied()
+                .collect()
+        })
     }
 
-    async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, StoreError> {
-        if key.is_empty() {
-            return Ok(Some(Bytes::new()));
-        }
-        Ok(self.lock().touch(key).map(|b| b.clone()))
+    fn get<'a>(&'a self, key: &'a BlobKey) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            if key.is_empty() {
+                return Ok(Some(Bytes::new()));
+            }
+            Ok(self.lock().touch(key).map(|b| b.clone()))
+        })
     }
 
-    async fn read(
-        &self,
-        key: &BlobKey,
+    fn read<'a>(
+        &'a self,
+        key: &'a BlobKey,
         offset: u64,
         limit: u64,
-    ) -> Result<Option<BlobStream>, StoreError> {
-        Ok(self
-            .get(key)
-            .await?
-            .map(|data| slice_stream(data, offset, limit)))
+    ) -> BoxFuture<'a, Result<Option<BlobStream>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .get(key)
+                .await?
+                .map(|data| slice_stream(data, offset, limit)))
+        })
     }
 
-    async fn begin(&self, key: BlobKey) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let max = self.max_bytes();
-        if key.size > max {
-            return Err(StoreError::TooLarge {
-                size: key.size,
-                max,
+    fn begin<'a>(&'a self, key: BlobKey) -> BoxFuture<'a, Result<Box<dyn BlobWriter>, StoreError>> {
+        Box::pin(async move {
+            let max = self.max_bytes();
+            if key.size > max {
+                return Err(StoreError::TooLarge {
+                    size: key.size,
+                    max,
+                });
+            }
+            // Evicted blobs are dropped here, outside any await.
+            drop(self.lock().reserve(key.size)?);
+            // The declared size is reserved in the budget, so the buffer can be
+            // allocated once instead of growing (and copying) as chunks arrive.
+            let capacity = usize::try_from(key.size).unwrap_or(0);
+            let writer: Box<dyn BlobWriter> = Box::new(MemoryWriter {
+                store: self.clone(),
+                key,
+                buf: BytesMut::with_capacity(capacity),
+                hasher: Some(UploadHasher::for_size(key.size)),
+                reserved: true,
             });
-        }
-        // Evicted blobs are dropped here, outside any await.
-        drop(self.lock().reserve(key.size)?);
-        // The declared size is reserved in the budget, so the buffer can be
-        // allocated once instead of growing (and copying) as chunks arrive.
-        let capacity = usize::try_from(key.size).unwrap_or(0);
-        Ok(Box::new(MemoryWriter {
-            store: self.clone(),
-            key,
-            buf: BytesMut::with_capacity(capacity),
-            hasher: Some(UploadHasher::for_size(key.size)),
-            reserved: true,
-        }))
+            Ok(writer)
+        })
     }
 
     fn max_bytes(&self) -> u64 {
@@ -113,39 +122,47 @@ struct MemoryWriter {
     reserved: bool,
 }
 
-#[tonic::async_trait]
 impl BlobWriter for MemoryWriter {
-    async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        check_room(&self.key, self.buf.len() as u64, data.len())?;
-        self.hasher_mut()?.update(data).await?;
-        self.buf.extend_from_slice(data);
-        Ok(())
+    fn write<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            check_room(&self.key, self.buf.len() as u64, data.len())?;
+            self.hasher_mut()?.update(data).await?;
+            self.buf.extend_from_slice(data);
+            Ok(())
+        })
     }
 
-    async fn write_bytes(&mut self, data: Bytes) -> Result<(), StoreError> {
-        check_room(&self.key, self.buf.len() as u64, data.len())?;
-        self.buf.extend_from_slice(&data);
-        self.hasher_mut()?.update_bytes(data).await
+    fn write_bytes<'a>(&'a mut self, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            check_room(&self.key, self.buf.len() as u64, data.len())?;
+            self.buf.extend_from_slice(&data);
+            self.hasher_mut()?.update_bytes(data).await
+        })
     }
 
     fn written(&self) -> u64 {
         self.buf.len() as u64
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        let size = self.buf.len() as u64;
-        let hasher = self
-            .hasher
-            .take()
-            .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
-        let actual = hasher.finish(size).await?;
-        verify(&self.key, &actual)?;
-        let data = std::mem::take(&mut self.buf).freeze();
-        self.reserved = false;
-        // A concurrent upload of the same blob may have won; either way the
-        // blob is stored and the reservation is settled.
-        let _ = self.store.lock().insert_reserved(self.key, data);
-        Ok(())
+    fn commit<'a>(mut self: Box<Self>) -> BoxFuture<'a, Result<(), StoreError>>
+    where
+        Self: 'a,
+    {
+        Box::pin(async move {
+            let size = self.buf.len() as u64;
+            let hasher = self
+                .hasher
+                .take()
+                .ok_or_else(|| StoreError::Io("upload already finished".into()))?;
+            let actual = hasher.finish(size).await?;
+            verify(&self.key, &actual)?;
+            let data = std::mem::take(&mut self.buf).freeze();
+            self.reserved = false;
+            // A concurrent upload of the same blob may have won; either way the
+            // blob is stored and the reservation is settled.
+            let _ = self.store.lock().insert_reserved(self.key, data);
+            Ok(())
+        })
     }
 }
 

@@ -12,6 +12,7 @@ mod lru;
 pub mod measured;
 pub mod memory;
 
+use futures_util::future::BoxFuture;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -74,37 +75,38 @@ impl From<lru::NoRoom> for StoreError {
 }
 
 /// A content-addressed blob store with a byte budget.
-#[tonic::async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// The subset of `keys` not held (the empty blob is always held). Keys that
     /// are held count as used (they move to the back of the eviction order).
-    async fn missing(&self, keys: &[BlobKey]) -> Vec<BlobKey>;
+    fn missing<'a>(&'a self, keys: &'a [BlobKey]) -> BoxFuture<'a, Vec<BlobKey>>;
 
     /// A whole blob, for small reads (batch reads, directories, action
     /// results); `None` if absent.
-    async fn get(&self, key: &BlobKey) -> Result<Option<Bytes>, StoreError>;
+    fn get<'a>(&'a self, key: &'a BlobKey) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
 
     /// `limit` bytes (0: up to the end) of a blob from `offset` (which the
     /// caller checked is at most the size), as a stream; `None` if absent.
-    async fn read(
-        &self,
-        key: &BlobKey,
+    fn read<'a>(
+        &'a self,
+        key: &'a BlobKey,
         offset: u64,
         limit: u64,
-    ) -> Result<Option<BlobStream>, StoreError>;
+    ) -> BoxFuture<'a, Result<Option<BlobStream>, StoreError>>;
 
     /// Starts an upload of `key`: reserves its size in the budget (evicting as
     /// needed). Dropping the writer without committing abandons it.
-    async fn begin(&self, key: BlobKey) -> Result<Box<dyn BlobWriter>, StoreError>;
+    fn begin<'a>(&'a self, key: BlobKey) -> BoxFuture<'a, Result<Box<dyn BlobWriter>, StoreError>>;
 
     /// Stores a whole blob, verified.
-    async fn put(&self, key: BlobKey, data: &[u8]) -> Result<(), StoreError> {
-        if key.is_empty() {
-            return verify(&key, &BlobKey::of(data));
-        }
-        let mut w = self.begin(key).await?;
-        w.write(data).await?;
-        w.commit().await
+    fn put<'a>(&'a self, key: BlobKey, data: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if key.is_empty() {
+                return verify(&key, &BlobKey::of(data));
+            }
+            let mut w = self.begin(key).await?;
+            w.write(data).await?;
+            w.commit().await
+        })
     }
 
     /// The byte budget.
@@ -121,22 +123,23 @@ pub trait BlobStore: Send + Sync + 'static {
 
 /// An upload in progress: hashes what it is given and stores it on commit
 /// only if the hash and size match the key.
-#[tonic::async_trait]
 pub trait BlobWriter: Send {
     /// Appends bytes; refuses to go past the key's size.
-    async fn write(&mut self, data: &[u8]) -> Result<(), StoreError>;
+    fn write<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Appends a reference-counted chunk; writers that can hold on to it
     /// (e.g. to hash it on another thread) avoid a copy.
-    async fn write_bytes(&mut self, data: Bytes) -> Result<(), StoreError> {
-        self.write(&data).await
+    fn write_bytes<'a>(&'a mut self, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.write(&data).await })
     }
 
     /// Bytes written so far.
     fn written(&self) -> u64;
 
     /// Verifies and stores the blob.
-    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    fn commit<'a>(self: Box<Self>) -> BoxFuture<'a, Result<(), StoreError>>
+    where
+        Self: 'a;
 }
 
 /// Checks that `actual` (the key computed from the data) is `expected`.

@@ -24,6 +24,7 @@ use tonic::body::Body;
 use tonic::Status;
 
 use crate::gate::frame::{self, Encoding, Limits};
+use crate::gate::scan::{self, Field};
 use crate::reapi::resource::{self, Access};
 
 /// How the request messages name the instance.
@@ -291,71 +292,43 @@ impl HttpBody for RewriteBody {
     }
 }
 
-/// The fields of a message as (field number, the field's bytes incl. key).
-fn fields(msg: &[u8]) -> Result<Vec<(u64, &[u8])>, Status> {
-    let bad = || Status::invalid_argument("request is not a valid protobuf message");
-    let mut out = Vec::new();
-    let mut rest = msg;
-    while !rest.is_empty() {
-        let start = rest;
-        let key = prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
-        let skip = match key & 7 {
-            0 => {
-                prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
-                0
-            }
-            1 => 8,
-            2 => usize::try_from(prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?)
-                .map_err(|_| bad())?,
-            5 => 4,
-            _ => return Err(bad()),
-        };
-        if rest.len() < skip {
-            return Err(bad());
-        }
-        rest = &rest[skip..];
-        let used = start.len() - rest.len();
-        out.push((key >> 3, &start[..used]));
-    }
-    Ok(out)
+/// The fields of a message (see [`scan::fields`]).
+fn fields(msg: &[u8]) -> Result<Vec<Field<'_>>, Status> {
+    scan::fields(msg)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            Status::invalid_argument(format!("request is not a valid protobuf message: {e}"))
+        })
 }
 
-/// The payload of a length-delimited field's bytes (key included).
-fn payload(field: &[u8]) -> Result<&[u8], Status> {
-    let mut rest = field;
-    let bad = || Status::invalid_argument("a field is not length-delimited");
-    let key = prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
-    if key & 7 != 2 {
-        return Err(bad());
+/// The payload of a length-delimited field.
+fn payload<'a>(field: &Field<'a>) -> Result<&'a [u8], Status> {
+    if field.wire != 2 {
+        return Err(Status::invalid_argument("a field is not length-delimited"));
     }
-    prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
-    Ok(rest)
-}
-
-/// The string value of a length-delimited field's bytes (key included).
-fn string_value(field: &[u8]) -> Result<&str, Status> {
-    std::str::from_utf8(payload(field)?)
-        .map_err(|_| Status::invalid_argument("a name field is not a string"))
+    Ok(field.payload)
 }
 
 /// The last occurrence of string field `number` (prost keeps the last one).
-fn last_string<'a>(fields: &[(u64, &'a [u8])], number: u64) -> Result<Option<&'a str>, Status> {
-    match fields.iter().rev().find(|(n, _)| *n == number) {
-        Some((_, f)) => string_value(f).map(Some),
+fn last_string<'a>(fields: &[Field<'a>], number: u64) -> Result<Option<&'a str>, Status> {
+    match fields.iter().rev().find(|f| f.number == number) {
+        Some(f) => std::str::from_utf8(payload(f)?)
+            .map(Some)
+            .map_err(|_| Status::invalid_argument("a name field is not a string")),
         None => Ok(None),
     }
 }
 
 /// `msg` with field `number` set to `value` (every earlier occurrence removed).
-fn with_field(msg: &[(u64, &[u8])], number: u32, value: &[u8]) -> Vec<u8> {
+fn with_field(msg: &[Field<'_>], number: u32, value: &[u8]) -> Vec<u8> {
     let mut out =
-        Vec::with_capacity(value.len() + 8 + msg.iter().map(|f| f.1.len()).sum::<usize>());
+        Vec::with_capacity(value.len() + 8 + msg.iter().map(|f| f.raw.len()).sum::<usize>());
     prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
     prost::encoding::encode_varint(value.len() as u64, &mut out);
     out.extend_from_slice(value);
-    for (n, bytes) in msg {
-        if *n != u64::from(number) {
-            out.extend_from_slice(bytes);
+    for f in msg {
+        if f.number != u64::from(number) {
+            out.extend_from_slice(f.raw);
         }
     }
     out
@@ -413,12 +386,12 @@ fn rewrite_response(msg: &[u8], mode: ResponseMode, names: &Names) -> Result<Vec
         ResponseMode::Operation => public_operation(msg, names),
         ResponseMode::OperationList => {
             let mut out = Vec::with_capacity(msg.len() + 64);
-            for (number, bytes) in fields(msg)? {
-                if number != 1 {
-                    out.extend_from_slice(bytes);
+            for f in fields(msg)? {
+                if f.number != 1 {
+                    out.extend_from_slice(f.raw);
                     continue;
                 }
-                let op = public_operation(payload(bytes)?, names)?;
+                let op = public_operation(payload(&f)?, names)?;
                 prost::encoding::encode_key(
                     1,
                     prost::encoding::WireType::LengthDelimited,
