@@ -41,3 +41,4 @@ pub mod metrics;
 pub mod proto;
 pub mod reapi;
 pub mod server;
+pub mod web;

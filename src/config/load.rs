@@ -179,6 +179,8 @@ impl Config {
             }),
         };
 
+        let web = v.web(raw.web.as_ref(), authorization.method)?;
+
         Ok(Config {
             source: name.to_string(),
             description: raw.description,
@@ -192,6 +194,7 @@ impl Config {
             build_events_limits,
             limits,
             metrics,
+            web,
             ignored,
         })
     }
@@ -211,6 +214,24 @@ impl Config {
                 Some(_) => "TLS".to_string(),
             };
             let _ = writeln!(s, "listen: {} ({tls})", c.address);
+        }
+        if let Some(w) = &self.web {
+            let tls = match (&w.tls, w.client_certificates) {
+                (None, _) => "plaintext",
+                (Some(_), ClientCertificates::Required) => "TLS, client certificates required",
+                (Some(_), ClientCertificates::Optional) => "TLS, client certificates optional",
+                (Some(_), ClientCertificates::Off) => "TLS",
+            };
+            let sign_in = match &w.oidc {
+                Some(o) => format!(", OpenID Connect sign-in with {}", o.issuer),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "web: {} ({tls}{sign_in}); Bazel: --bes_results_url={}/invocation/",
+                w.address,
+                w.public_url.as_deref().unwrap_or("<web.public-url>")
+            );
         }
         let a = &self.authorization;
         let method = match a.method {

@@ -1,7 +1,7 @@
 //! The configuration model: a YAML file whose `server:`, `authorization:`,
 //! `monitoring:`, `server-reflection` and `grpc-compression` sections take
-//! BuildGrid's own keys, plus gridgate's `instances:`, `build-events:` and
-//! `limits:`.
+//! BuildGrid's own keys, plus gridgate's `instances:`, `build-events:`,
+//! `limits:` and `web:`.
 //!
 //! Loading happens in two steps. The document is parsed and BuildGrid's tags are
 //! resolved ([`yaml`]), then deserialized into the `Raw*` types, which refuse
@@ -24,6 +24,7 @@ mod monitoring;
 mod raw;
 mod server;
 mod validate;
+mod web;
 pub mod yaml;
 
 pub use model::*;

@@ -33,6 +33,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The Prometheus endpoint (`metrics: { address: ... }`), off when `None`.
     pub metrics: Option<MetricsEndpointConfig>,
+    /// The web listener (`web:`), off when `None`.
+    pub web: Option<WebConfig>,
     /// Things a BuildGrid config carries that gridgate accepts but does not use,
     /// as (key path, note) pairs; logged as warnings at start.
     pub ignored: Vec<(String, String)>,
@@ -521,4 +523,71 @@ impl Default for LimitsConfig {
             max_instance_name_bytes: 512,
         }
     }
+}
+
+/// The web listener: invocation pages, search, sign-in and the JSON API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebConfig {
+    /// The address as written.
+    pub address: String,
+    /// Where to listen.
+    pub listen: ListenAddr,
+    /// TLS settings (the keys of a `server:` channel); `None` means plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Whether browsers must, may or cannot present a client certificate.
+    pub client_certificates: ClientCertificates,
+    /// The base URL people reach the pages at, without a trailing `/`
+    /// (Bazel's `--bes_results_url` is `<public-url>/invocation/`).
+    pub public_url: Option<String>,
+    /// The key session and sign-in cookies are sealed with.
+    pub session_key: Option<SessionKey>,
+    /// Sign-in with OpenID Connect.
+    pub oidc: Option<OidcConfig>,
+}
+
+/// Client certificates on the web listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertificates {
+    /// No client CA: none are asked for.
+    Off,
+    /// Asked for and verified when presented; a browser without one may sign in otherwise.
+    Optional,
+    /// The handshake fails without a verified certificate.
+    Required,
+}
+
+/// Secret bytes of `web.session-key-file` (never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey(pub Vec<u8>);
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionKey([{} bytes redacted])", self.0.len())
+    }
+}
+
+/// The OAuth client secret (never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSecret(pub String);
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientSecret([redacted])")
+    }
+}
+
+/// `web.oidc:`: the OpenID provider people sign in with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcConfig {
+    /// The issuer URL (without a trailing `/`); its discovery document is
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// The OAuth client id (the ID token's audience).
+    pub client_id: String,
+    /// The client secret; `None` for a public client (PKCE alone).
+    pub client_secret: Option<ClientSecret>,
+    /// The scopes asked for (`openid` always among them).
+    pub scopes: Vec<String>,
+    /// Which ID token claims make the actor, subject and workflow.
+    pub claims: ClaimsConfig,
 }

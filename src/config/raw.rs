@@ -38,6 +38,7 @@ pub(super) struct RawConfig {
     pub build_events: Option<RawBuildEvents>,
     pub limits: Option<RawLimits>,
     pub metrics: Option<RawMetrics>,
+    pub web: Option<RawWeb>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,7 +58,7 @@ pub(super) struct RawChannel {
     pub allow_open: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct RawCredentials {
     pub tls_server_key: Option<String>,
@@ -355,4 +356,30 @@ impl<'de> Deserialize<'de> for RawStore {
         }
         d.deserialize_any(V)
     }
+}
+
+/// `web:`: the listener of the invocation pages and the JSON API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawWeb {
+    pub address: Option<String>,
+    pub insecure_mode: Option<bool>,
+    pub credentials: Option<RawCredentials>,
+    #[serde(default)]
+    pub allow_open: bool,
+    pub client_certificates: Option<String>,
+    pub public_url: Option<String>,
+    pub session_key_file: Option<String>,
+    pub oidc: Option<RawOidc>,
+}
+
+/// `web.oidc:`: sign-in with an OpenID provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawOidc {
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret_file: Option<String>,
+    pub scopes: Option<OneOrMany>,
+    pub claims: Option<RawClaims>,
 }

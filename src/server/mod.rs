@@ -51,6 +51,8 @@ pub enum ServerError {
         /// Why.
         source: crate::gate::GateError,
     },
+    #[error(transparent)]
+    Web(#[from] crate::web::WebError),
 }
 
 /// A gateway whose channels are bound and whose services are built.
@@ -68,6 +70,8 @@ pub struct Gateway {
     telemetry: Option<crate::metrics::Telemetry>,
     /// Sets the metrics that are read rather than counted.
     sample: Arc<dyn Fn() + Send + Sync>,
+    /// The web listener, when `web:` is configured.
+    web: Option<crate::web::WebServer>,
 }
 
 impl Gateway {
@@ -123,13 +127,39 @@ impl Gateway {
                 },
             )?,
         );
-        let bes = crate::bes::BesServices::open(&config)
-            .await
-            .map_err(|e| ServerError::Setup {
-                what: "the build event store (build-events)",
-                reason: e.to_string(),
-            })?;
+        let bes_error = |e: crate::bes::store::StoreError| ServerError::Setup {
+            what: "the build event store (build-events)",
+            reason: e.to_string(),
+        };
+        let changes = Arc::new(crate::web::live::Changes::default());
+        let bes = match &config.web {
+            None => crate::bes::BesServices::open(&config)
+                .await
+                .map_err(bes_error)?,
+            // The web pages are told when an invocation gets new events.
+            Some(_) => {
+                let store = crate::bes::store::open(&config.build_events)
+                    .await
+                    .map_err(bes_error)?;
+                let store = crate::web::live::Notifying::wrap(store, changes.clone());
+                crate::bes::retention::spawn(&store, config.build_events_limits);
+                crate::bes::BesServices::with_store(store, &config)
+            }
+        };
         let bes_store = bes.store();
+        let web = match &config.web {
+            None => None,
+            Some(w) => Some(
+                crate::web::WebServer::bind(
+                    w,
+                    gate.clone(),
+                    bes_store.clone(),
+                    changes,
+                    Some(reapi_instances.clone()),
+                )
+                .await?,
+            ),
+        };
         served.extend(bes.add_to(&mut routes, config.compression));
         // Gauges and counters read from their owners before each push or scrape.
         let sampled_gate = gate.clone();
@@ -181,7 +211,13 @@ impl Gateway {
             ready,
             telemetry,
             sample,
+            web,
         })
+    }
+
+    /// The web listener's address, when `web:` is configured.
+    pub fn web_addr(&self) -> Option<BoundAddr> {
+        self.web.as_ref().map(|w| w.local_addr())
     }
 
     /// The Prometheus endpoint's address, when `metrics:` is configured.
@@ -212,6 +248,7 @@ impl Gateway {
             ready,
             telemetry,
             sample,
+            web,
         } = self;
         let limits = &config.limits;
 
@@ -306,6 +343,23 @@ impl Gateway {
             ));
         }
         drop(serving);
+        let web = web.map(|w| {
+            let scheme = if w.is_tls() { "https" } else { "http" };
+            tracing::info!(
+                "web pages on {scheme}://{}{}",
+                w.local_addr(),
+                config
+                    .web
+                    .as_ref()
+                    .and_then(|c| c.public_url.as_deref())
+                    .map(|u| format!(" (public URL {u}; Bazel: --bes_results_url={u}/invocation/)"))
+                    .unwrap_or_default()
+            );
+            let mut stop = stop_rx.clone();
+            tokio::spawn(w.serve(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }))
+        });
 
         shutdown.await;
         stop_background(background);
@@ -319,6 +373,9 @@ impl Gateway {
         let _ = stop_tx.send(true);
         for a in acceptors {
             let _ = a.await;
+        }
+        if let Some(w) = web {
+            let _ = w.await;
         }
         // Every connection has been sent GOAWAY; each ends when its streams do.
         match tokio::time::timeout(limits.shutdown_grace, all_closed.recv()).await {

@@ -105,6 +105,8 @@ impl Certs {
 /// A gateway running in this process on loopback.
 pub(crate) struct TestServer {
     pub addrs: Vec<BoundAddr>,
+    /// The web listener's address, when `web:` is configured.
+    pub web: Option<BoundAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), gridgate::server::ServerError>>>,
 }
@@ -119,12 +121,14 @@ impl TestServer {
     pub(crate) async fn start_config(config: Config) -> TestServer {
         let gateway = Gateway::bind(config).await.expect("bind");
         let addrs = gateway.local_addrs();
+        let web = gateway.web_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async move {
             let _ = stopped.await;
         }));
         TestServer {
             addrs,
+            web,
             stop: Some(stop),
             task: Some(task),
         }

@@ -972,6 +972,49 @@ impl EventStore for FileStore {
         .boxed()
     }
 
+    fn find_invocation<'a>(
+        &'a self,
+        invocation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        let id = invocation_id.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(|e| internal("read", e))?;
+            let t = txn
+                .open_table(INVOCATIONS)
+                .map_err(|e| internal("table", e))?;
+            // Skip from instance to instance (keys are (instance, id)): one
+            // seek past each instance's ids and one lookup per instance.
+            let first_after = |inst: Option<&str>| -> Result<Option<String>, StoreError> {
+                let range = match inst {
+                    None => t.range::<(&str, &str)>(..),
+                    Some(i) => t.range((i, "\u{10FFFF}\u{10FFFF}\u{10FFFF}\u{10FFFF}")..),
+                }
+                .map_err(|e| internal("read", e))?;
+                for row in range {
+                    let (k, _) = row.map_err(|e| internal("read", e))?;
+                    let (other, _) = k.value();
+                    if Some(other) != inst {
+                        return Ok(Some(other.to_string()));
+                    }
+                }
+                Ok(None)
+            };
+            let mut out = Vec::new();
+            let mut next = first_after(None)?;
+            while let Some(inst) = next {
+                if t.get((inst.as_str(), id.as_str()))
+                    .map_err(|e| internal("read", e))?
+                    .is_some()
+                {
+                    out.push(inst.clone());
+                }
+                next = first_after(Some(&inst))?;
+            }
+            Ok(out)
+        })
+        .boxed()
+    }
+
     fn get_targets<'a>(
         &'a self,
         key: &'a InvocationKey,

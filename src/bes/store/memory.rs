@@ -460,6 +460,22 @@ impl EventStore for MemoryStore {
         async move { Ok(out) }.boxed()
     }
 
+    fn find_invocation<'a>(
+        &'a self,
+        invocation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        // A scan: the memory store holds what fits its byte budget.
+        let mut out: Vec<String> = self
+            .lock()
+            .invocations
+            .keys()
+            .filter(|k| k.invocation_id == invocation_id)
+            .map(|k| k.instance.clone())
+            .collect();
+        out.sort_unstable();
+        async move { Ok(out) }.boxed()
+    }
+
     fn get_targets<'a>(
         &'a self,
         key: &'a InvocationKey,

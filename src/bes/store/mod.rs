@@ -279,6 +279,15 @@ pub trait EventStore: Send + Sync + 'static {
         offset: i64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>>;
+
+    /// The instances that hold an invocation with this id, in name order
+    /// (ids are meant to be unique, but two instances may publish the same
+    /// one). For pages reached by id alone, which keep only the instances
+    /// the viewer may query.
+    fn find_invocation<'a>(
+        &'a self,
+        invocation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
 }
 
 /// What one [`EventStore::sweep`] did.

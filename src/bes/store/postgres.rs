@@ -121,6 +121,11 @@ CREATE TABLE bes_logs (
     PRIMARY KEY (instance, invocation_id, byte_offset)
 );
 "#,
+    // Invocation pages are reached by id alone (Bazel's results URL has no
+    // instance): find its instances without a scan.
+    r#"
+CREATE INDEX bes_invocations_id ON bes_invocations (invocation_id);
+"#,
 ];
 
 /// The advisory lock key taken while migrating ("gridgate" in ASCII, folded).
@@ -982,6 +987,19 @@ impl PostgresStore {
         .transpose()
     }
 
+    async fn instances_of(&self, invocation_id: &str) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let rows = client
+            .query(
+                "SELECT instance FROM bes_invocations
+                 WHERE invocation_id = $1 AND body <> '' ORDER BY instance",
+                &[&invocation_id],
+            )
+            .await
+            .map_err(|e| pg_error("finding an invocation", e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     async fn targets(
         &self,
         key: &InvocationKey,
@@ -1219,6 +1237,13 @@ impl EventStore for PostgresStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<(i64, Bytes)>, StoreError>> {
         self.log(key, offset, limit).boxed()
+    }
+
+    fn find_invocation<'a>(
+        &'a self,
+        invocation_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        self.instances_of(invocation_id).boxed()
     }
 }
 

@@ -717,6 +717,18 @@ pub(crate) async fn invocations_conformance(store: Arc<dyn EventStore>, tag: &st
     let before = list(by(&|q| q.started_before = Some(t)), 100).await;
     assert!(before.iter().all(|i| i.start_time_millis < t));
     assert_eq!(since.len() + before.len(), team_a.len(), "{name}");
+    // By id alone: every instance that holds it, in name order.
+    let found = |id: String| async move { store.find_invocation(&id).await.unwrap() };
+    assert_eq!(
+        found(format!("{tag}-inv-3")).await,
+        vec!["team-a".to_string(), "team-b".to_string()],
+        "{name}"
+    );
+    assert_eq!(
+        found(format!("{tag}-inv-0")).await,
+        vec!["team-a".to_string()]
+    );
+    assert!(found(format!("{tag}-inv-none")).await.is_empty(), "{name}");
 }
 
 #[tokio::test]
