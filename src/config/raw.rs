@@ -361,7 +361,7 @@ impl<'de> Deserialize<'de> for RawStore {
 /// `web:`: the listener of the invocation pages and the JSON API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawWeb {
+pub(super) struct RawWeb {
     pub address: Option<String>,
     pub insecure_mode: Option<bool>,
     pub credentials: Option<RawCredentials>,
@@ -376,7 +376,7 @@ pub struct RawWeb {
 /// `web.oidc:`: sign-in with an OpenID provider.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawOidc {
+pub(super) struct RawOidc {
     pub issuer: String,
     pub client_id: String,
     pub client_secret_file: Option<String>,

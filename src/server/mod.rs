@@ -51,6 +51,7 @@ pub enum ServerError {
         /// Why.
         source: crate::gate::GateError,
     },
+    /// The web listener could not start.
     #[error(transparent)]
     Web(#[from] crate::web::WebError),
 }

@@ -23,7 +23,7 @@ fn state_name(s: i32) -> &'static str {
 }
 
 /// An `Invocation`.
-pub fn invocation(i: &gg::Invocation) -> Value {
+pub(super) fn invocation(i: &gg::Invocation) -> Value {
     let metadata: Map<String, Value> = i
         .build_metadata
         .iter()
@@ -85,7 +85,7 @@ fn counts(c: &gg::Counts) -> Value {
 }
 
 /// A `Target`.
-pub fn target(t: &gg::Target) -> Value {
+pub(super) fn target(t: &gg::Target) -> Value {
     json!({
         "label": t.label,
         "kind": t.kind,
@@ -141,7 +141,7 @@ fn action_failure(a: &gg::ActionFailure) -> Value {
 }
 
 /// A `ListInvocationsResponse`.
-pub fn list(r: &gg::ListInvocationsResponse) -> Value {
+pub(super) fn list(r: &gg::ListInvocationsResponse) -> Value {
     json!({
         "invocations": r.invocations.iter().map(invocation).collect::<Vec<_>>(),
         "nextPageToken": r.next_page_token,
@@ -149,7 +149,7 @@ pub fn list(r: &gg::ListInvocationsResponse) -> Value {
 }
 
 /// A `GetInvocationResponse`.
-pub fn get(r: &gg::GetInvocationResponse) -> Value {
+pub(super) fn get(r: &gg::GetInvocationResponse) -> Value {
     json!({
         "invocation": r.invocation.as_ref().map(invocation),
         "targets": r.targets.iter().map(target).collect::<Vec<_>>(),
@@ -158,7 +158,7 @@ pub fn get(r: &gg::GetInvocationResponse) -> Value {
 }
 
 /// A `GetLogResponse`.
-pub fn log(r: &gg::GetLogResponse) -> Value {
+pub(super) fn log(r: &gg::GetLogResponse) -> Value {
     json!({
         "data": base64::engine::general_purpose::STANDARD.encode(&r.data),
         "offset": r.offset,
@@ -168,6 +168,6 @@ pub fn log(r: &gg::GetLogResponse) -> Value {
 }
 
 /// An error, as `{"error": {"code", "status", "message"}}`.
-pub fn error(http: u16, status: &str, message: &str) -> Value {
+pub(super) fn error(http: u16, status: &str, message: &str) -> Value {
     json!({ "error": { "code": http, "status": status, "message": message } })
 }

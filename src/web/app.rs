@@ -46,7 +46,7 @@ use crate::reapi::digest::BlobKey;
 use crate::reapi::resource::{self, Access};
 
 /// A response body: whole, or a stream of events.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// The end of the console output the page shows.
 const CONSOLE_TAIL: i64 = 256 * 1024;
@@ -64,7 +64,7 @@ const KEEPALIVE: Duration = Duration::from_secs(45);
 const READ_RPC: &str = "Read";
 
 /// Everything the routes need, built once.
-pub struct App {
+pub(super) struct App {
     pub(super) authorizer: Arc<WebAuthorizer>,
     pub(super) service: InvocationsService,
     pub(super) store: Arc<dyn EventStore>,
@@ -219,7 +219,7 @@ const NOT_VISIBLE: &str = "There is no invocation with this id that you may see:
 
 impl App {
     /// Answers one request.
-    pub async fn handle(
+    pub(super) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: Arc<WebConn>,

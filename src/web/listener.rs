@@ -36,10 +36,18 @@ const GRACE: Duration = Duration::from_secs(5);
 /// Why the web listener could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
+    /// The address cannot be bound (in use, no permission, bad path).
     #[error("web.address: cannot listen on {address}: {source}")]
-    Bind { address: String, source: io::Error },
+    Bind {
+        /// `web.address` as written.
+        address: String,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// The certificate, key or client CA files do not make a TLS config.
     #[error("web.credentials: {0}")]
     Tls(#[from] TlsError),
+    /// Anything else that keeps the listener from starting.
     #[error("web: {0}")]
     Setup(String),
 }
@@ -50,7 +58,7 @@ enum Socket {
 }
 
 /// A bound web listener.
-pub struct Listener {
+pub(super) struct Listener {
     socket: Socket,
     tls: Option<Arc<ServerConfig>>,
     /// Where it listens.
@@ -99,7 +107,7 @@ fn tls_config(w: &WebConfig) -> Result<Option<Arc<ServerConfig>>, WebError> {
 
 impl Listener {
     /// Binds the socket and loads the TLS files.
-    pub async fn bind(w: &WebConfig) -> Result<Listener, WebError> {
+    pub(super) async fn bind(w: &WebConfig) -> Result<Listener, WebError> {
         let tls = tls_config(w)?;
         let bind_err = |source| WebError::Bind {
             address: w.address.clone(),
@@ -130,13 +138,13 @@ impl Listener {
     }
 
     /// Whether connections are TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(super) fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
     /// Accepts and serves connections until `stop` turns true; then gives
     /// open connections [`GRACE`] to finish.
-    pub async fn serve(self, app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    pub(super) async fn serve(self, app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut tasks = tokio::task::JoinSet::new();
         loop {

@@ -37,7 +37,10 @@ pub enum SignedIn {
     /// A Bearer token.
     Bearer,
     /// A session cookie; `csrf` is the token its sign-out form carries.
-    Session { csrf: String },
+    Session {
+        /// The sign-out form's CSRF token.
+        csrf: String,
+    },
 }
 
 /// The viewer of one request.

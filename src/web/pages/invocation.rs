@@ -57,14 +57,17 @@ pub struct Snippet {
 
 /// What the page is made from.
 pub struct View<'a> {
+    /// The invocation's summary (header, tests, failures, metrics).
     pub inv: &'a gg::Invocation,
     /// Every target, in label order.
     pub targets: &'a [gg::Target],
+    /// The target filter from the query string.
     pub filter: &'a TargetFilter,
     /// Test logs and action stderr fetched from the CAS.
     pub snippets: &'a Snippets,
     /// The end of the console output, and the offset it starts at.
     pub console: &'a str,
+    /// The byte offset of `console` in the whole console output.
     pub console_from: i64,
 }
 

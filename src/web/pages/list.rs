@@ -10,16 +10,21 @@ use crate::proto::gridgate::v1 as gg;
 /// The list's filters, as the query string names them.
 #[derive(Debug, Default, Clone)]
 pub struct Filters {
+    /// `instance`: only this instance, or empty for every one the viewer may query.
     pub instance: String,
+    /// `user`: the BUILD_USER the invocation reported.
     pub user: String,
     /// An [`gg::InvocationState`] name in lower case, or empty.
     pub state: String,
+    /// `command`: `build`, `test`, ...
     pub command: String,
+    /// `pattern`: a substring of a target pattern or label.
     pub pattern: String,
     /// `KEY=VALUE`.
     pub metadata: String,
     /// `1h`, `24h`, `7d`, `30d` or empty.
     pub since: String,
+    /// `page`: the opaque token of the next page, or empty for the first.
     pub page_token: String,
 }
 
