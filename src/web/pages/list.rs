@@ -24,7 +24,7 @@ pub struct Filters {
     pub metadata: String,
     /// `1h`, `24h`, `7d`, `30d` or empty.
     pub since: String,
-    /// `page`: the opaque token of the next page, or empty for the first.
+    /// `page_token`: the opaque token of the next page, or empty for the first.
     pub page_token: String,
 }
 
