@@ -141,7 +141,47 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn bazel_test(bazel: &Path, work: &Path, grpc: u16, web: u16) -> (i32, String) {
+/// The link Bazel printed after "Streaming build results to:".
+fn results_link(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.split("Streaming build results to: ").nth(1))
+        .map(|l| {
+            l.trim()
+                .trim_end_matches('\u{1b}')
+                .split('\u{1b}')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|| panic!("Bazel printed no results link:\n{text}"))
+}
+
+/// Debian's Bazel 4.2.3, or `None` (skipped, with a message) when it is not
+/// installed; under `CI` a missing Bazel 4.2.3 fails the test.
+fn bazel_4() -> Option<PathBuf> {
+    let binary = PathBuf::from("/usr/bin/bazel");
+    if binary.exists() && Path::new("/usr/share/bazel/rules/java").is_dir() {
+        return Some(binary);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("/usr/bin/bazel is missing: .ci/run installs bazel-bootstrap and bazel-rules-java");
+    }
+    eprintln!("SKIPPED (Bazel 4.2.3 part): /usr/bin/bazel is not installed; `apt-get install -y bazel-bootstrap bazel-rules-java`");
+    None
+}
+
+/// Bazel 4.2.3's own startup options and flags (as tests/invocations_bazel.rs).
+const BAZEL_4_STARTUP: &[&str] = &["--install_base=/usr/share/bazel", "--trust_install_base"];
+const BAZEL_4_FLAGS: &[&str] = &["--host_javabase=@local_jdk//:jdk"];
+
+fn bazel_test(
+    bazel: &Path,
+    rules_java: &Path,
+    (startup, flags): (&[&str], &[&str]),
+    work: &Path,
+    grpc: u16,
+    web: u16,
+) -> (i32, String) {
     let ws = work.join("ws");
     std::fs::create_dir_all(&ws).unwrap();
     for name in ["WORKSPACE", "passes.sh", "fails.sh", "flaky.sh"] {
@@ -165,11 +205,13 @@ fn bazel_test(bazel: &Path, work: &Path, grpc: u16, web: u16) -> (i32, String) {
             "--nohome_rc",
             "--noworkspace_rc",
         ])
+        .args(startup)
         .arg(format!(
             "--output_user_root={}",
             work.join("root").display()
         ))
         .arg("test")
+        .args(flags)
         .arg(format!(
             "--override_repository=remote_coverage_tools={}",
             f.join("remote_coverage_tools").display()
@@ -180,7 +222,7 @@ fn bazel_test(bazel: &Path, work: &Path, grpc: u16, web: u16) -> (i32, String) {
         ))
         .arg(format!(
             "--override_repository=rules_java={}",
-            f.join("rules_java").display()
+            rules_java.display()
         ))
         .arg(format!("--bes_backend=grpc://127.0.0.1:{grpc}"))
         .arg(format!(
@@ -273,24 +315,45 @@ async fn bazel_links_to_a_page_people_sign_in_to_search_and_are_refused_by_team(
     let work = tempfile::tempdir().unwrap();
     let bazel_run = {
         let (bazel, work) = (bazel.clone(), work.path().to_path_buf());
-        tokio::task::spawn_blocking(move || bazel_test(&bazel, &work, grpc, web_port))
+        let rules_java = fixtures().join("bazel4").join("rules_java");
+        tokio::task::spawn_blocking(move || {
+            bazel_test(&bazel, &rules_java, (&[], &[]), &work, grpc, web_port)
+        })
     };
     let (code, text) = bazel_run.await.unwrap();
     assert_eq!(code, 3, "tests failed, so Bazel exits 3:\n{text}");
-    let link = text
-        .lines()
-        .find_map(|l| l.split("Streaming build results to: ").nth(1))
-        .map(|l| {
-            l.trim()
-                .trim_end_matches('\u{1b}')
-                .split('\u{1b}')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_else(|| panic!("Bazel printed no results link:\n{text}"));
+    let link = results_link(&text);
     assert!(link.starts_with(&format!("{public}/invocation/")), "{link}");
     let id = link.rsplit('/').next().unwrap().to_string();
+
+    // Bazel 4.2.3 (Debian's, over plaintext: its TLS does not start) streams
+    // the same workspace to the same gateway; its page is checked too.
+    let work4 = tempfile::tempdir().unwrap();
+    let link4 = match bazel_4() {
+        Some(bazel4) => {
+            let work4 = work4.path().to_path_buf();
+            let (code, text) = tokio::task::spawn_blocking(move || {
+                bazel_test(
+                    &bazel4,
+                    Path::new("/usr/share/bazel/rules/java"),
+                    (BAZEL_4_STARTUP, BAZEL_4_FLAGS),
+                    &work4,
+                    grpc,
+                    web_port,
+                )
+            })
+            .await
+            .unwrap();
+            assert_eq!(code, 3, "Bazel 4.2.3: tests failed, so it exits 3:\n{text}");
+            let link4 = results_link(&text);
+            assert!(
+                link4.starts_with(&format!("{public}/invocation/")),
+                "{link4}"
+            );
+            Some(link4)
+        }
+        None => None,
+    };
 
     let shots = match std::env::var_os("GRIDGATE_SCREENSHOT_DIR") {
         Some(d) => PathBuf::from(d),
@@ -301,6 +364,7 @@ async fn bazel_links_to_a_page_people_sign_in_to_search_and_are_refused_by_team(
     let plan = serde_json::json!({
         "base": public,
         "invocation": link,
+        "invocation4": link4,
         "shots": shots.canonicalize().unwrap(),
         "profile": profile,
     });
@@ -386,6 +450,26 @@ async fn bazel_links_to_a_page_people_sign_in_to_search_and_are_refused_by_team(
     assert_eq!(inv["tests"].as_array().unwrap().len(), 3);
     assert!(inv["console"].as_u64().unwrap() > 0);
     assert_eq!(s["targetFilter"], serde_json::json!(["//:fails"]), "{s}");
+    if link4.is_some() {
+        // Bazel 4.2.3's page: the same problems first, with the failing log.
+        let inv4 = &s["invocation4"];
+        assert_eq!(inv4["status"], 200, "{inv4}");
+        assert_eq!(inv4["state"], "Failed", "{inv4}");
+        assert_eq!(
+            inv4["problems"],
+            serde_json::json!(["//:fails", "//:flaky"]),
+            "{inv4}"
+        );
+        assert_eq!(inv4["problemStatus"][0], "FAILED");
+        assert_eq!(inv4["problemStatus"][1], "FLAKY");
+        assert!(
+            inv4["firstLog"]
+                .as_str()
+                .unwrap()
+                .contains("this test fails on purpose"),
+            "{inv4}"
+        );
+    }
 
     let href = format!("/invocation/{id}");
     let has = |key: &str| {

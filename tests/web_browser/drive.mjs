@@ -72,6 +72,18 @@ try {
   await Promise.all([page.waitForLoadState(), page.click("#targets button[type=submit]")]);
   out.steps.targetFilter = await page.$$eval("#targets tbody tr td.label", (e) => e.map((x) => x.textContent));
 
+  // Bazel 4.2.3's build of the same workspace, when the test ran it.
+  if (plan.invocation4) {
+    const r4 = await page.goto(plan.invocation4);
+    out.steps.invocation4 = {
+      status: r4.status(),
+      state: (await page.textContent("#state")).trim(),
+      problems: await page.$$eval("#problems details summary .label", (e) => e.map((x) => x.textContent)),
+      problemStatus: await page.$$eval("#problems details summary .badge", (e) => e.map((x) => x.textContent)),
+      firstLog: await page.$eval("#problems details pre.log", (e) => e.textContent).catch(() => ""),
+    };
+  }
+
   // The list shows the build; its filters narrow it.
   await page.goto(`${plan.base}/invocations`);
   const rows = () => page.$$eval("#invocations tbody tr td a", (e) => e.map((x) => x.getAttribute("href"))).catch(() => []);
