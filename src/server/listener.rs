@@ -22,14 +22,15 @@ use tonic::body::Body;
 use tower::Service;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::socket::{Accepted, BindError, Socket};
 use super::{http2, tls};
 use crate::budget::{Budget, Held};
-use crate::config::{ChannelConfig, ListenAddr};
+use crate::config::ChannelConfig;
 pub use crate::conn::{ConnInfo, ConnLimits, Peer};
 use crate::gate::identity::PeerCertificate;
 
@@ -161,11 +162,6 @@ impl AsyncWrite for Conn {
     }
 }
 
-enum Socket {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
 /// A bound channel, not yet accepting.
 pub struct BoundChannel {
     socket: Socket,
@@ -219,32 +215,16 @@ impl BoundChannel {
             None => None,
         };
         let mtls = channel.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-        let bind_err = |source| ListenError::Bind {
-            address: channel.address.clone(),
-            source,
-        };
-        let (socket, addr) = match &channel.listen {
-            ListenAddr::Tcp(a) => {
-                let l = TcpListener::bind(a).await.map_err(bind_err)?;
-                let local = l.local_addr().map_err(bind_err)?;
-                (Socket::Tcp(l), BoundAddr::Tcp(local))
-            }
-            ListenAddr::Unix(path) => {
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if !meta.file_type().is_socket() {
-                        return Err(ListenError::NotASocket {
-                            address: channel.address.clone(),
-                            path: path.display().to_string(),
-                        });
-                    }
-                    // A socket file left by an earlier run that did not exit cleanly.
-                    let _ = std::fs::remove_file(path);
-                }
-                let l = UnixListener::bind(path).map_err(bind_err)?;
-                (Socket::Unix(l, path.clone()), BoundAddr::Unix(path.clone()))
-            }
-        };
+        let (socket, addr) = Socket::bind(&channel.listen).await.map_err(|e| match e {
+            BindError::Io(source) => ListenError::Bind {
+                address: channel.address.clone(),
+                source,
+            },
+            BindError::NotASocket(path) => ListenError::NotASocket {
+                address: channel.address.clone(),
+                path: path.display().to_string(),
+            },
+        })?;
         Ok(BoundChannel {
             socket,
             tls,
@@ -355,9 +335,7 @@ impl BoundChannel {
                     .await;
             });
         }
-        if let Socket::Unix(_, path) = &self.socket {
-            let _ = std::fs::remove_file(path);
-        }
+        self.socket.remove_file();
     }
 }
 
@@ -398,17 +376,10 @@ fn is_loopback(addr: &SocketAddr) -> bool {
 }
 
 async fn accept(socket: &Socket) -> io::Result<(Io, Peer)> {
-    match socket {
-        Socket::Tcp(l) => {
-            let (s, peer) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Ok((Io::Tcp(s), Peer::Tcp(peer)))
-        }
-        Socket::Unix(l, _) => {
-            let (s, _) = l.accept().await?;
-            Ok((Io::Unix(s), Peer::Unix))
-        }
-    }
+    Ok(match socket.accept().await? {
+        Accepted::Tcp(s, peer) => (Io::Tcp(s), Peer::Tcp(peer)),
+        Accepted::Unix(s) => (Io::Unix(s), Peer::Unix),
+    })
 }
 
 async fn handshake(acceptor: TlsAcceptor, io: Io) -> io::Result<(Io, Option<PeerCertificate>)> {

@@ -14,6 +14,7 @@
 
 pub mod http2;
 pub mod listener;
+pub(crate) mod socket;
 pub mod tls;
 
 use std::future::Future;

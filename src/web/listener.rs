@@ -7,19 +7,18 @@
 //! timeout; header sizes are bounded as on the gRPC channels.
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 
 use super::app::App;
 use super::WebConn;
-use crate::config::{ClientCertificates, ListenAddr, WebConfig};
+use crate::config::{ClientCertificates, WebConfig};
+use crate::server::socket::{Accepted, BindError, Socket};
 use crate::server::tls::{self, TlsError};
 use crate::server::BoundAddr;
 
@@ -50,11 +49,6 @@ pub enum WebError {
     /// Anything else that keeps the listener from starting.
     #[error("web: {0}")]
     Setup(String),
-}
-
-enum Socket {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
 }
 
 /// A bound web listener.
@@ -109,31 +103,16 @@ impl Listener {
     /// Binds the socket and loads the TLS files.
     pub(super) async fn bind(w: &WebConfig) -> Result<Listener, WebError> {
         let tls = tls_config(w)?;
-        let bind_err = |source| WebError::Bind {
-            address: w.address.clone(),
-            source,
-        };
-        let (socket, addr) = match &w.listen {
-            ListenAddr::Tcp(a) => {
-                let l = TcpListener::bind(a).await.map_err(bind_err)?;
-                let local = l.local_addr().map_err(bind_err)?;
-                (Socket::Tcp(l), BoundAddr::Tcp(local))
-            }
-            ListenAddr::Unix(path) => {
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if !meta.file_type().is_socket() {
-                        return Err(WebError::Setup(format!(
-                            "{} exists and is not a socket; refusing to replace it",
-                            path.display()
-                        )));
-                    }
-                    let _ = std::fs::remove_file(path);
-                }
-                let l = UnixListener::bind(path).map_err(bind_err)?;
-                (Socket::Unix(l, path.clone()), BoundAddr::Unix(path.clone()))
-            }
-        };
+        let (socket, addr) = Socket::bind(&w.listen).await.map_err(|e| match e {
+            BindError::Io(source) => WebError::Bind {
+                address: w.address.clone(),
+                source,
+            },
+            BindError::NotASocket(path) => WebError::Setup(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            )),
+        })?;
         Ok(Listener { socket, tls, addr })
     }
 
@@ -231,9 +210,7 @@ impl Listener {
                 }
             });
         }
-        if let Socket::Unix(_, path) = &self.socket {
-            let _ = std::fs::remove_file(path);
-        }
+        self.socket.remove_file();
         let _ = tokio::time::timeout(GRACE + Duration::from_secs(1), async {
             while tasks.join_next().await.is_some() {}
         })
@@ -248,17 +225,10 @@ enum Stream {
 }
 
 async fn accept(socket: &Socket) -> io::Result<(Stream, String)> {
-    match socket {
-        Socket::Tcp(l) => {
-            let (s, peer) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Ok((Stream::Tcp(s), peer.to_string()))
-        }
-        Socket::Unix(l, _) => {
-            let (s, _) = l.accept().await?;
-            Ok((Stream::Unix(s), "unix".into()))
-        }
-    }
+    Ok(match socket.accept().await? {
+        Accepted::Tcp(s, peer) => (Stream::Tcp(s), peer.to_string()),
+        Accepted::Unix(s) => (Stream::Unix(s), "unix".into()),
+    })
 }
 
 async fn handshake<S>(
